@@ -1,0 +1,176 @@
+//! The application: shared state, building it from a [`Config`], binding the listener and
+//! serving until a shutdown signal, after which in-flight requests are given time to finish.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+
+use crate::auth::limits::AuthRateLimits;
+use crate::auth::AuthService;
+use crate::config::Config;
+use crate::store::Store;
+
+/// What every handler can reach. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: Arc<dyn Store>,
+    pub auth: Arc<AuthService>,
+    pub auth_limits: Arc<AuthRateLimits>,
+    pub metrics: &'static PrometheusHandle,
+    /// The externally visible base URL (`public_url`, or `http://<bound address>`).
+    pub public_url: Arc<str>,
+}
+
+pub struct App {
+    listener: TcpListener,
+    state: AppState,
+    /// The one-time admin setup token, when no admin exists yet (logged at start).
+    setup_token: Option<String>,
+}
+
+impl App {
+    /// Opens the store (applying migrations), loads or creates the signing keys and binds the
+    /// listener. Port 0 binds a free port (tests); [`App::local_addr`] tells which.
+    pub async fn build(config: Config) -> anyhow::Result<App> {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+        let local_addr = listener.local_addr()?;
+        let public_url: Arc<str> = config.public_url(local_addr).into();
+        let store =
+            crate::store::open(&config.database_url(), config.database.read_pool_size).await?;
+        let auth =
+            AuthService::new(store.clone(), config.auth.clone(), config.token_issuer()).await?;
+        let state = AppState {
+            auth_limits: Arc::new(AuthRateLimits::new(&config.rate_limit)),
+            config: Arc::new(config),
+            store,
+            auth: Arc::new(auth),
+            metrics: crate::telemetry::prometheus(),
+            public_url,
+        };
+        // Made here rather than when serving starts, so the token is known before any
+        // request can arrive. Each start replaces the previous token: the newest logged link
+        // is the one that works.
+        let setup_token = state.auth.setup_token().await?;
+        Ok(App {
+            listener,
+            state,
+            setup_token,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    pub fn setup_token(&self) -> Option<&str> {
+        self.setup_token.as_deref()
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting and waits up to
+    /// `http.shutdown_grace_secs` for in-flight requests.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let state = self.state.clone();
+        if let Some(token) = &self.setup_token {
+            tracing::warn!(
+                "no admin exists yet: open {}/console/setup?token={token} to create one (or run `basalt admin create`)",
+                state.public_url
+            );
+        }
+        let background = tokio::spawn(background_tasks(state.clone()));
+        let app = crate::http::router(state.clone());
+        let grace = Duration::from_secs(state.config.http.shutdown_grace_secs);
+        let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+        let signal = async move {
+            shutdown.await;
+            tracing::info!("shutting down: finishing in-flight requests");
+            let _ = stopped_tx.send(());
+        };
+        tracing::info!(address = %self.local_addr(), database = state.store.dialect(), "basalt is listening");
+        let server = axum::serve(
+            self.listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(signal);
+        let server = tokio::spawn(async move { server.await });
+        // Once the signal fired, in-flight requests get `grace` to finish.
+        let result = tokio::select! {
+            result = server => result.map_err(anyhow::Error::from).and_then(|r| r.map_err(anyhow::Error::from)),
+            _ = async {
+                let _ = stopped_rx.await;
+                tokio::time::sleep(grace).await;
+            } => {
+                tracing::warn!("shutdown grace period over; dropping remaining connections");
+                Ok(())
+            }
+        };
+        background.abort();
+        result
+    }
+}
+
+/// Periodic upkeep: reload signing keys (rotation by another node or the CLI) and forget
+/// rate-limit state of quiet clients.
+async fn background_tasks(state: AppState) {
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tick.tick().await;
+        state.auth.tokens.reload_if_stale().await;
+        state.auth_limits.shrink();
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called (not when
+/// the future is first polled), so a signal arriving right after start-up is not lost.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    #[cfg(unix)]
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    #[cfg(unix)]
+    let mut interrupt =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+    async move {
+        #[cfg(unix)]
+        {
+            let term = async {
+                match terminate.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            let int = async {
+                match interrupt.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = term => {},
+                _ = int => {},
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

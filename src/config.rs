@@ -1,0 +1,413 @@
+//! Configuration: built-in defaults, then `basalt.toml` (from `--config`, else `./basalt.toml`
+//! if present), then `BASALT_*` environment variables where a double underscore nests
+//! (`BASALT_DATABASE__URL` ↔ `database.url`). The key names are a contract (API.md
+//! § Operations). Secrets are wrapped in [`Secret`] so they never reach a log or `Debug`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// A value that must never be printed: `Debug` and `Display` show `[redacted]`.
+#[derive(Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Secret<T>(T);
+
+impl<T> Secret<T> {
+    pub fn new(value: T) -> Self {
+        Secret(value)
+    }
+    pub fn expose(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> fmt::Debug for Secret<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Secret<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        T::deserialize(d).map(Secret)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Where SQLite and local storage keep their files.
+    pub data_dir: PathBuf,
+    /// The URL clients reach this server at (links in mails, setup link). Defaults to
+    /// `http://<listen>`.
+    pub public_url: Option<String>,
+    pub database: DatabaseConfig,
+    pub storage: StorageConfig,
+    pub log: LogConfig,
+    pub http: HttpConfig,
+    pub auth: AuthConfig,
+    pub rate_limit: RateLimitConfig,
+    pub documents: DocumentsConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `sqlite://PATH` or `postgres://…`; defaults to `sqlite://<data_dir>/basalt.db`.
+    pub url: Option<Secret<String>>,
+    /// Read connections for SQLite.
+    pub read_pool_size: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    pub backend: StorageBackend,
+    pub s3: S3Config,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    Local,
+    S3,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct S3Config {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub bucket: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<Secret<String>>,
+    pub force_path_style: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `basalt=debug,tower_http=info`); `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Largest JSON request body in bytes; larger ones answer 413.
+    pub body_limit: usize,
+    /// Origins allowed by CORS; `["*"]` allows any.
+    pub cors_origins: Vec<String>,
+    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Access-token lifetime in seconds (default 15 min).
+    pub access_token_ttl_secs: u64,
+    /// Refresh-token lifetime in seconds (default 30 days).
+    pub refresh_token_ttl_secs: u64,
+    /// Admin-token lifetime in seconds (default 1 h).
+    pub admin_token_ttl_secs: u64,
+    /// How long an already-rotated refresh token still yields its successor, so two tabs
+    /// refreshing at once are not logged out.
+    pub refresh_reuse_grace_secs: u64,
+    pub password_min_length: usize,
+    /// Allow `POST /v1/auth/anonymous`.
+    pub anonymous_enabled: bool,
+    /// Allow `POST /v1/auth/signup`.
+    pub signup_enabled: bool,
+    /// argon2id memory cost in KiB.
+    pub argon2_memory_kib: u32,
+    /// argon2id passes.
+    pub argon2_iterations: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitConfig {
+    pub enabled: bool,
+    /// Sign-in, signup, recover and otp attempts per client IP per minute.
+    pub auth_per_ip_per_minute: u32,
+    /// Attempts per account (email) per minute.
+    pub auth_per_account_per_minute: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DocumentsConfig {
+    /// Largest document, in bytes of JSON.
+    pub max_document_bytes: usize,
+    /// Deepest nesting of objects and arrays in a document.
+    pub max_depth: usize,
+    /// How long change-log entries are kept, in hours.
+    pub change_retention_hours: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:7070".parse().expect("valid default address"),
+            data_dir: PathBuf::from("./basalt_data"),
+            public_url: None,
+            database: DatabaseConfig::default(),
+            storage: StorageConfig::default(),
+            log: LogConfig::default(),
+            http: HttpConfig::default(),
+            auth: AuthConfig::default(),
+            rate_limit: RateLimitConfig::default(),
+            documents: DocumentsConfig::default(),
+        }
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: None,
+            read_pool_size: 4,
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            backend: StorageBackend::Local,
+            s3: S3Config::default(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Pretty,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            body_limit: 1024 * 1024,
+            cors_origins: vec!["*".into()],
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            access_token_ttl_secs: 15 * 60,
+            refresh_token_ttl_secs: 30 * 24 * 3600,
+            admin_token_ttl_secs: 3600,
+            refresh_reuse_grace_secs: 10,
+            password_min_length: 8,
+            anonymous_enabled: true,
+            signup_enabled: true,
+            argon2_memory_kib: 19 * 1024,
+            argon2_iterations: 2,
+        }
+    }
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        RateLimitConfig {
+            enabled: true,
+            auth_per_ip_per_minute: 60,
+            auth_per_account_per_minute: 10,
+        }
+    }
+}
+
+impl Default for DocumentsConfig {
+    fn default() -> Self {
+        DocumentsConfig {
+            max_document_bytes: 1024 * 1024,
+            max_depth: 32,
+            change_retention_hours: 24 * 7,
+        }
+    }
+}
+
+impl Config {
+    /// Loads defaults → the TOML file → `BASALT_*` variables. `file` is `--config`; without it
+    /// `./basalt.toml` is read when it exists. Errors name the offending key.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        match file {
+            Some(path) => {
+                if !path.exists() {
+                    return Err(ConfigError(format!(
+                        "config file {} does not exist",
+                        path.display()
+                    )));
+                }
+                figment = figment.merge(Toml::file(path));
+            }
+            None => figment = figment.merge(Toml::file("basalt.toml")),
+        }
+        figment = figment.merge(Self::env());
+        Self::extract(figment)
+    }
+
+    /// The `BASALT_*` environment provider. `BASALT_TEST_*` names belong to the test suite and
+    /// are skipped.
+    fn env() -> Env {
+        Env::prefixed("BASALT_")
+            .filter(|key| !key.as_str().to_ascii_lowercase().starts_with("test_"))
+            .split("__")
+    }
+
+    fn extract(figment: Figment) -> Result<Config, ConfigError> {
+        let config: Config = figment.extract().map_err(|e| {
+            let e = e
+                .into_iter()
+                .next()
+                .expect("an error has at least one entry");
+            let key = if e.path.is_empty() {
+                String::new()
+            } else {
+                format!("`{}`: ", e.path.join("."))
+            };
+            ConfigError(format!("{key}{}", e.kind))
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.database.url {
+            let url = url.expose();
+            let known = ["sqlite://", "postgres://", "postgresql://"];
+            if !known.iter().any(|p| url.starts_with(p)) {
+                return Err(ConfigError(
+                    "`database.url`: must start with sqlite://, postgres:// or postgresql://"
+                        .into(),
+                ));
+            }
+        }
+        if self.auth.access_token_ttl_secs == 0 {
+            return Err(ConfigError(
+                "`auth.access_token_ttl_secs`: must be positive".into(),
+            ));
+        }
+        if self.http.body_limit < 1024 {
+            return Err(ConfigError(
+                "`http.body_limit`: must be at least 1024 bytes".into(),
+            ));
+        }
+        if self.storage.backend == StorageBackend::S3 && self.storage.s3.bucket.is_none() {
+            return Err(ConfigError(
+                "`storage.s3.bucket`: required when storage.backend is s3".into(),
+            ));
+        }
+        if let Some(url) = &self.public_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError(
+                    "`public_url`: must start with http:// or https://".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The database URL in force (the SQLite default when none is configured).
+    pub fn database_url(&self) -> String {
+        match &self.database.url {
+            Some(url) => url.expose().clone(),
+            None => format!("sqlite://{}", self.data_dir.join("basalt.db").display()),
+        }
+    }
+
+    /// The `iss` of tokens: `public_url` when set, else `basalt`. Never the bound address,
+    /// so tokens stay valid across restarts on another port and across the nodes of one
+    /// deployment.
+    pub fn token_issuer(&self) -> String {
+        match &self.public_url {
+            Some(url) => url.trim_end_matches('/').to_string(),
+            None => "basalt".into(),
+        }
+    }
+
+    /// The externally visible base URL, without a trailing slash.
+    pub fn public_url(&self, bound: SocketAddr) -> String {
+        match &self.public_url {
+            Some(url) => url.trim_end_matches('/').to_string(),
+            None => format!("http://{bound}"),
+        }
+    }
+}
+
+/// A configuration problem, as one line naming the key.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(String);
+
+#[cfg(test)]
+// figment's Jail returns its own (large) error type; that is the test API, not ours.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn environment_overrides_file_and_nests_with_double_underscore() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "basalt.toml",
+                "listen = \"127.0.0.1:9000\"\n[log]\nformat = \"json\"",
+            )?;
+            jail.set_env("BASALT_LISTEN", "127.0.0.1:9001");
+            jail.set_env("BASALT_DATABASE__URL", "postgres://u:pw@localhost/db");
+            let config = Config::load(None).expect("loads");
+            assert_eq!(config.listen.port(), 9001);
+            assert_eq!(config.log.format, LogFormat::Json);
+            assert_eq!(config.database_url(), "postgres://u:pw@localhost/db");
+            assert!(
+                !format!("{config:?}").contains("pw@"),
+                "secret leaked into Debug"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn invalid_value_names_the_key() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("BASALT_AUTH__ACCESS_TOKEN_TTL_SECS", "soon");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("auth.access_token_ttl_secs"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn defaults_need_no_file() {
+        figment::Jail::expect_with(|_| {
+            let config = Config::load(None).expect("loads");
+            assert_eq!(config.listen.to_string(), "127.0.0.1:7070");
+            assert!(config.database_url().ends_with("basalt_data/basalt.db"));
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,221 @@
+//! The HTTP surface: one router built from per-resource modules, each handler annotated for
+//! the OpenAPI document (utoipa-axum collects routes and their descriptions together, so a
+//! route cannot be served without being described). Cross-cutting layers: request ids, the
+//! error envelope for every non-handler error, metrics, request logs, CORS, the body limit.
+
+pub mod admin;
+pub mod auth;
+pub mod extract;
+pub mod ops;
+
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+use tower_http::trace::TraceLayer;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+
+use crate::app::AppState;
+use crate::config::Config;
+use crate::error::{envelope, REQUEST_ID};
+
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "basalt", description = "Self-hosted Backend-as-a-Service: auth, documents, realtime, storage, functions."),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "auth", description = "Accounts and sessions"),
+        (name = "admin", description = "Administration (admin token or service key)"),
+        (name = "ops", description = "Health, readiness, metrics, keys"),
+    )
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT or service key")
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// Every route with its OpenAPI description.
+pub fn api() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(ops::router())
+        .nest("/v1/auth", auth::router())
+        .nest("/v1/admin", admin::router())
+}
+
+/// The served router: all routes, `/v1/openapi.json`, and the middleware stack.
+pub fn router(state: AppState) -> Router {
+    let (router, openapi) = api().split_for_parts();
+    let openapi = std::sync::Arc::new(openapi);
+    let router = router.route(
+        "/v1/openapi.json",
+        axum::routing::get(move || {
+            let openapi = openapi.clone();
+            async move { axum::Json(openapi.as_ref().clone()) }
+        }),
+    );
+    let config = state.config.clone();
+    router
+        .fallback(|| async { crate::error::ApiError::NotFound("no such route".into()) })
+        .with_state(state)
+        .layer(middleware::from_fn(telemetry_metrics))
+        .layer(middleware::from_fn(normalize_errors))
+        .layer(DefaultBodyLimit::max(config.http.body_limit))
+        .layer(cors(&config))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &Request| {
+                let id = req
+                    .headers()
+                    .get(REQUEST_ID_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default();
+                tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+            }),
+        )
+        .layer(middleware::from_fn(request_id))
+}
+
+async fn telemetry_metrics(req: Request, next: Next) -> Response {
+    crate::telemetry::track_metrics(req, next).await
+}
+
+/// Gives every request an id (the client's `x-request-id` when it is sane, else a new one),
+/// echoes it on the response and makes it available to error bodies.
+async fn request_id(mut req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(crate::ids::new_id);
+    let header_value = HeaderValue::from_str(&id).expect("checked to be visible ASCII");
+    req.headers_mut()
+        .insert(REQUEST_ID_HEADER, header_value.clone());
+    let mut response = REQUEST_ID.scope(id, next.run(req)).await;
+    response
+        .headers_mut()
+        .insert(REQUEST_ID_HEADER, header_value);
+    response
+}
+
+/// Rewrites error answers that did not come from our handlers (axum's 405, path and query
+/// rejections, CORS refusals) into the JSON envelope, so clients parse one error shape.
+async fn normalize_errors(req: Request, next: Next) -> Response {
+    let response = next.run(req).await;
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 16 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let (code, default_message) = match status {
+        StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => {
+            ("invalid_argument", "the request is not valid")
+        }
+        StatusCode::UNAUTHORIZED => ("unauthenticated", "authentication is required"),
+        StatusCode::FORBIDDEN => ("permission_denied", "permission denied"),
+        StatusCode::NOT_FOUND => ("not_found", "not found"),
+        StatusCode::METHOD_NOT_ALLOWED => (
+            "invalid_argument",
+            "this method is not allowed on this route",
+        ),
+        StatusCode::PAYLOAD_TOO_LARGE => (
+            "payload_too_large",
+            "the request body is larger than the limit",
+        ),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+            ("unsupported_media_type", "unsupported content type")
+        }
+        StatusCode::TOO_MANY_REQUESTS => ("rate_limited", "too many requests"),
+        StatusCode::SERVICE_UNAVAILABLE => ("unavailable", "unavailable"),
+        StatusCode::GATEWAY_TIMEOUT => ("function_timeout", "timed out"),
+        s if s.is_server_error() => ("internal", "internal error"),
+        _ => ("invalid_argument", "the request is not valid"),
+    };
+    // Rejection texts from axum are safe to show (they describe the request, not the server);
+    // server errors never show theirs.
+    let message = if status.is_server_error() || text.trim().is_empty() {
+        default_message.to_string()
+    } else {
+        text.trim().to_string()
+    };
+    // 422 is what axum uses for a body that parses but does not fit; the contract says 400.
+    let status = if status == StatusCode::UNPROCESSABLE_ENTITY {
+        StatusCode::BAD_REQUEST
+    } else {
+        status
+    };
+    let mut rebuilt = envelope(status, code, &message, None);
+    for (name, value) in parts.headers.iter() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            rebuilt.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    rebuilt.into_response()
+}
+
+fn cors(config: &Config) -> CorsLayer {
+    let origins = &config.http.cors_origins;
+    let layer = CorsLayer::new()
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+            Method::HEAD,
+            Method::OPTIONS,
+        ])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::IF_MATCH,
+            header::IF_NONE_MATCH,
+            header::RANGE,
+            REQUEST_ID_HEADER,
+        ])
+        .expose_headers([REQUEST_ID_HEADER, header::ETAG, header::RETRY_AFTER])
+        .max_age(Duration::from_secs(3600));
+    if origins.iter().any(|o| o == "*") {
+        layer.allow_origin(Any)
+    } else {
+        let list: Vec<HeaderValue> = origins
+            .iter()
+            .filter_map(|o| HeaderValue::from_str(o).ok())
+            .collect();
+        layer.allow_origin(AllowOrigin::list(list))
+    }
+}

@@ -1,0 +1,267 @@
+//! Persistence. The dialect-neutral [`Store`] trait is the only way the domain modules reach
+//! the database; [`sqlite::SqliteStore`] (rusqlite: one writer connection, a read pool, cached
+//! statements) and [`postgres::PgStore`] (sqlx) implement it. SQL lives only below this module,
+//! always with bound parameters.
+//!
+//! The trait is split by domain ([`AuthStore`], [`DocumentStore`]) so each area's SQL sits in
+//! its own file per dialect; [`Store`] is the sum that the application holds as
+//! `Arc<dyn Store>`.
+
+pub mod postgres;
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    /// A unique constraint was violated; the text names what already exists.
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    Conflict(String),
+    /// An optimistic-concurrency precondition failed (`If-Match`, `if_version`).
+    #[error("version mismatch")]
+    VersionMismatch { expected: i64, actual: Option<i64> },
+    /// The database cannot be reached (connection refused, pool exhausted, disk gone).
+    #[error("database unavailable")]
+    Unavailable(#[source] anyhow::Error),
+    #[error("database error")]
+    Internal(#[source] anyhow::Error),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+impl StoreError {
+    pub fn internal(err: impl Into<anyhow::Error>) -> Self {
+        StoreError::Internal(err.into())
+    }
+}
+
+/// Opens the store named by a database URL: `postgres://` / `postgresql://` selects
+/// PostgreSQL, `sqlite://PATH` (or a bare path) SQLite. Migrations are applied before it is
+/// returned.
+pub async fn open(url: &str, read_pool_size: u32) -> anyhow::Result<Arc<dyn Store>> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let store = postgres::PgStore::connect(url).await?;
+        Ok(Arc::new(store))
+    } else {
+        let path = url.strip_prefix("sqlite://").unwrap_or(url);
+        let store = sqlite::SqliteStore::open(std::path::Path::new(path), read_pool_size).await?;
+        Ok(Arc::new(store))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rows shared by both dialects.
+
+#[derive(Debug, Clone)]
+pub struct UserRow {
+    pub id: String,
+    pub email: Option<String>,
+    pub password_hash: Option<String>,
+    pub email_verified: bool,
+    pub is_anonymous: bool,
+    pub data: Value,
+    pub claims: Value,
+    pub providers: Value,
+    pub mfa_enabled: bool,
+    pub disabled: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub last_sign_in_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SessionRow {
+    pub id: String,
+    pub user_id: String,
+    pub created_at: DateTime<Utc>,
+    pub refreshed_at: DateTime<Utc>,
+    pub user_agent: Option<String>,
+    pub ip: Option<String>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RefreshTokenRow {
+    /// SHA-256 of the opaque token, hex; the token itself is never stored.
+    pub token_hash: String,
+    pub session_id: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    /// Set when the token was exchanged for its successor.
+    pub rotated_at: Option<DateTime<Utc>>,
+}
+
+/// What happened when a refresh token was presented for rotation.
+#[derive(Debug)]
+pub enum Rotation {
+    /// The token was live; it is now rotated and `new` is stored.
+    Rotated,
+    /// The token had already been rotated (at `rotated_at`); nothing was written.
+    AlreadyRotated { rotated_at: DateTime<Utc> },
+    /// No such token, or its session is revoked.
+    Unknown,
+}
+
+#[derive(Debug, Clone)]
+pub struct SigningKeyRow {
+    pub kid: String,
+    pub algorithm: String,
+    /// PKCS#8 DER of the private key. Never leaves the server.
+    pub private_key: Vec<u8>,
+    /// Raw public key bytes (32 bytes for Ed25519).
+    pub public_key: Vec<u8>,
+    pub created_at: DateTime<Utc>,
+    pub retired_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminRow {
+    pub id: String,
+    pub email: String,
+    pub password_hash: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceKeyRow {
+    pub id: String,
+    pub name: String,
+    /// SHA-256 of the secret, hex.
+    pub key_hash: String,
+    /// The first characters of the secret, shown in lists so a key can be recognised.
+    pub prefix: String,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditRow {
+    pub seq: i64,
+    pub time: DateTime<Utc>,
+    pub actor_type: String,
+    pub actor_id: String,
+    pub action: String,
+    pub target: Option<String>,
+    pub details: Value,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewAudit {
+    pub actor_type: String,
+    pub actor_id: String,
+    pub action: String,
+    pub target: Option<String>,
+    pub details: Value,
+}
+
+/// A page position for user lists: users are listed newest first.
+#[derive(Debug, Clone)]
+pub struct UserCursor {
+    pub created_at: DateTime<Utc>,
+    pub id: String,
+}
+
+#[async_trait]
+pub trait AuthStore: Send + Sync {
+    // --- signing keys
+    async fn insert_signing_key(&self, key: &SigningKeyRow) -> StoreResult<()>;
+    /// All keys, newest first, retired ones included.
+    async fn signing_keys(&self) -> StoreResult<Vec<SigningKeyRow>>;
+    /// Marks every key but `keep_kid` retired at `at` (those not retired already).
+    async fn retire_signing_keys_except(
+        &self,
+        keep_kid: &str,
+        at: DateTime<Utc>,
+    ) -> StoreResult<()>;
+
+    // --- users
+    /// Fails with `AlreadyExists("email")` when the email is taken.
+    async fn insert_user(&self, user: &UserRow) -> StoreResult<()>;
+    async fn user_by_id(&self, id: &str) -> StoreResult<Option<UserRow>>;
+    async fn user_by_email(&self, email: &str) -> StoreResult<Option<UserRow>>;
+    /// Writes every column of the row; `NotFound` if it is gone, `AlreadyExists("email")` on a
+    /// taken email.
+    async fn update_user(&self, user: &UserRow) -> StoreResult<()>;
+    /// Deletes the user with its sessions and refresh tokens. `false` if there was none.
+    async fn delete_user(&self, id: &str) -> StoreResult<bool>;
+    async fn list_users(
+        &self,
+        search: Option<&str>,
+        after: Option<&UserCursor>,
+        limit: u32,
+    ) -> StoreResult<Vec<UserRow>>;
+
+    // --- sessions and refresh tokens
+    /// Creates the session and its first refresh token in one transaction.
+    async fn insert_session(
+        &self,
+        session: &SessionRow,
+        token: &RefreshTokenRow,
+    ) -> StoreResult<()>;
+    async fn session(&self, id: &str) -> StoreResult<Option<SessionRow>>;
+    /// The user's live (not revoked) sessions, newest first.
+    async fn list_sessions(&self, user_id: &str) -> StoreResult<Vec<SessionRow>>;
+    /// Revokes one session; `false` when it was not the user's or already revoked.
+    async fn revoke_session(
+        &self,
+        user_id: &str,
+        session_id: &str,
+        at: DateTime<Utc>,
+    ) -> StoreResult<bool>;
+    /// Revokes all of a user's sessions; returns how many were live.
+    async fn revoke_user_sessions(&self, user_id: &str, at: DateTime<Utc>) -> StoreResult<u64>;
+    async fn refresh_token(&self, token_hash: &str) -> StoreResult<Option<RefreshTokenRow>>;
+    /// Atomically marks `old_hash` rotated and stores `new` — only if `old_hash` is live and
+    /// its session is not revoked. Concurrent callers with the same token: exactly one gets
+    /// `Rotated`, the others `AlreadyRotated`.
+    async fn rotate_refresh_token(
+        &self,
+        old_hash: &str,
+        new: &RefreshTokenRow,
+        at: DateTime<Utc>,
+    ) -> StoreResult<Rotation>;
+
+    // --- admins
+    async fn insert_admin(&self, admin: &AdminRow) -> StoreResult<()>;
+    async fn admin_by_email(&self, email: &str) -> StoreResult<Option<AdminRow>>;
+    async fn admin_by_id(&self, id: &str) -> StoreResult<Option<AdminRow>>;
+    async fn count_admins(&self) -> StoreResult<i64>;
+
+    // --- service keys
+    async fn insert_service_key(&self, key: &ServiceKeyRow) -> StoreResult<()>;
+    async fn service_key_by_hash(&self, key_hash: &str) -> StoreResult<Option<ServiceKeyRow>>;
+    async fn list_service_keys(&self) -> StoreResult<Vec<ServiceKeyRow>>;
+    async fn delete_service_key(&self, id: &str) -> StoreResult<bool>;
+
+    // --- audit log
+    async fn append_audit(&self, entry: &NewAudit) -> StoreResult<()>;
+    /// Newest first, entries with `seq < before` when given.
+    async fn list_audit(&self, before: Option<i64>, limit: u32) -> StoreResult<Vec<AuditRow>>;
+
+    // --- small server-wide values (setup token hash, refresh-token derivation secret)
+    async fn meta_get(&self, key: &str) -> StoreResult<Option<String>>;
+    /// Sets `key` only if it is absent; returns the value now stored (ours or the winner's).
+    async fn meta_put_if_absent(&self, key: &str, value: &str) -> StoreResult<String>;
+    async fn meta_delete(&self, key: &str) -> StoreResult<bool>;
+}
+
+/// Documents, collections and the change log (API.md § Documents). Implemented per dialect in
+/// `sqlite/documents.rs` and `postgres/documents.rs`.
+#[async_trait]
+pub trait DocumentStore: Send + Sync {}
+
+#[async_trait]
+pub trait Store: AuthStore + DocumentStore {
+    /// `sqlite` or `postgres`.
+    fn dialect(&self) -> &'static str;
+    /// A cheap round trip, for `/ready`.
+    async fn ping(&self) -> StoreResult<()>;
+}

@@ -1,0 +1,6 @@
+//! Documents, collections and the change log on PostgreSQL.
+
+use super::PgStore;
+use crate::store::DocumentStore;
+
+impl DocumentStore for PgStore {}

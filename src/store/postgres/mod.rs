@@ -1,0 +1,85 @@
+//! PostgreSQL through sqlx: a connection pool, runtime queries with `$N` parameters, and the
+//! migrations in `migrations/postgres` embedded by `sqlx::migrate!`.
+
+mod auth;
+mod documents;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+
+use super::{Store, StoreError, StoreResult};
+
+pub struct PgStore {
+    pub(crate) pool: PgPool,
+}
+
+impl PgStore {
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        let options: PgConnectOptions = url
+            .parse::<PgConnectOptions>()
+            .map_err(|e| anyhow::anyhow!("invalid database.url: {e}"))?
+            // Statement logs would print every query at INFO; the request log is enough.
+            .log_statements(tracing::log::LevelFilter::Trace)
+            .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL: {e}"))?;
+        sqlx::migrate!("./migrations/postgres")
+            .run(&pool)
+            .await
+            .map_err(|e| anyhow::anyhow!("PostgreSQL migrations failed: {e}"))?;
+        Ok(PgStore { pool })
+    }
+}
+
+/// Maps sqlx errors onto the store's: unique violations name the column that clashed
+/// (taken from the constraint name `<table>_<column>_key`).
+pub(crate) fn map_err(err: sqlx::Error) -> StoreError {
+    match &err {
+        sqlx::Error::Database(db) => {
+            if db.is_unique_violation() {
+                let what = db
+                    .constraint()
+                    .map(|c| {
+                        let c = c.strip_suffix("_key").unwrap_or(c);
+                        match db.table() {
+                            Some(t) => c.strip_prefix(&format!("{t}_")).unwrap_or(c).to_string(),
+                            None => c.to_string(),
+                        }
+                    })
+                    .unwrap_or_else(|| "record".into());
+                return StoreError::AlreadyExists(what);
+            }
+            if db.is_foreign_key_violation() || db.is_check_violation() {
+                return StoreError::Conflict(db.message().to_string());
+            }
+            StoreError::internal(err)
+        }
+        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+            StoreError::Unavailable(err.into())
+        }
+        sqlx::Error::RowNotFound => StoreError::NotFound,
+        _ => StoreError::internal(err),
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    fn dialect(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+}

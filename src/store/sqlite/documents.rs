@@ -1,0 +1,6 @@
+//! Documents, collections and the change log on SQLite.
+
+use super::SqliteStore;
+use crate::store::DocumentStore;
+
+impl DocumentStore for SqliteStore {}

@@ -1,0 +1,8 @@
+//! The API test suite: one binary, every test against a real server over a real socket.
+
+mod helpers;
+
+mod admin;
+mod auth;
+mod cli;
+mod ops;
