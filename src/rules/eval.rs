@@ -94,6 +94,7 @@ pub(crate) fn evaluate_with_lookups(
         if result.is_ok() || misses.is_empty() {
             return Ok(result);
         }
+        let mut progressed = false;
         for (collection, id) in misses {
             let known = cache
                 .lock()
@@ -116,6 +117,12 @@ pub(crate) fn evaluate_with_lookups(
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .docs
                 .insert((collection, id), doc);
+            progressed = true;
+        }
+        // Misses are only recorded for documents not in the cache, so this cannot happen;
+        // it keeps a future change from turning into an endless loop.
+        if !progressed {
+            return Ok(result);
         }
     }
 }
