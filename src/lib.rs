@@ -9,5 +9,6 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod ids;
+pub mod rules;
 pub mod store;
 pub mod telemetry;

@@ -1,0 +1,238 @@
+//! Access rules: compiling CEL rule text, evaluating it against one request, and turning a
+//! `read` rule into a query filter ("pushdown") so a query over a large collection is
+//! answered by an index instead of a scan and a per-row check.
+//!
+//! This module owns the rule language and nothing else: it never touches SQL, HTTP or the
+//! store. Collections (`read`, `create`, `update`, `delete`) and buckets (`read`, `write`,
+//! `delete`) both store compiled [`Rule`]s; the caller keeps them (a `Rule` is an `Arc`, cheap
+//! to clone and share across threads) and decides that a missing rule denies.
+//!
+//! # API
+//! - [`Rule::compile`]`(source) -> Result<Rule, RuleCompileError>`: parse and check that only
+//!   `auth`, `resource`, `request`, `get(collection, id)`, `exists(collection, id)` and the
+//!   interpreter's builtins are used. Errors carry a 1-based `line` and `column`. An empty rule
+//!   is an error, never "allow".
+//! - [`Rule::evaluate`]`(&input, &lookup) -> Result<bool, RuleEvalError>`: `Ok(true)` only when
+//!   the rule yields the bool `true`. A CEL runtime error (`auth.uid` with `auth == null`, a
+//!   missing field, mixed-type ordering, …) or a non-bool result is `Ok(false)`: that is a
+//!   normal deny. `Err` means the rule could not be decided (a lookup failed or more than
+//!   [`MAX_LOOKUPS`] documents were needed); the caller must deny and should log it.
+//!   Evaluation is synchronous: run it inside `tokio::task::block_in_place` when the
+//!   [`DocumentLookup`] blocks on the database.
+//! - [`Rule::pushdown`]`(auth, now) -> Pushdown`: see [`Pushdown`].
+//!
+//! # Semantics
+//! `&&`, `||`, `!`, `?:` and `in` at the top of a rule follow the CEL specification: `&&` and
+//! `||` need bools and are commutative over errors, so `resource.data.public == true ||
+//! resource.data.owner == auth.uid` admits a document that has no `public` field. Below them
+//! (comparisons, macros, functions) cel-interpreter 0.10 decides. `resource.created_at` and
+//! `resource.updated_at` are CEL timestamps (compare with `request.time`); `request.time` is the
+//! request's time; JSON integers are `int`, other numbers `double`, and `1 == 1.0` is true.
+//!
+//! # Filter assumptions
+//! A [`Pushdown::Filter`] is in the public `where` syntax (API.md § Documents) and is exactly
+//! the set of documents the rule admits, given these query-engine semantics: `==`, `<`, `<=`,
+//! `>`, `>=`, `in` and `array-contains` match values of the same JSON type only (numbers are one
+//! type); `[f, "exists", true]` matches when the key is present, even with a `null` value, and
+//! `false` when it is absent; `!=` is emitted only for `$id`, `$created_at` and `$updated_at`,
+//! which always exist with one type; `$created_at`/`$updated_at` values are RFC 3339 UTC
+//! strings compared as times.
+
+mod check;
+mod eval;
+mod pushdown;
+mod value;
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use cel_interpreter::Value;
+use cel_parser::ast::IdedExpr;
+use chrono::{DateTime, Utc};
+use serde_json::Value as Json;
+
+pub use pushdown::Pushdown;
+
+/// How many distinct documents `get()`/`exists()` may read in one evaluation. Bounds the cost
+/// an author (or a hostile document feeding ids into `get`) can impose per request or row.
+pub const MAX_LOOKUPS: usize = 10;
+
+/// A compiled rule. Cloning shares the parsed program.
+#[derive(Clone)]
+pub struct Rule {
+    inner: Arc<Compiled>,
+}
+
+struct Compiled {
+    source: String,
+    expr: IdedExpr,
+}
+
+impl fmt::Debug for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Rule").field(&self.inner.source).finish()
+    }
+}
+
+/// A rule that does not compile, with the 1-based position of the problem.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message} (line {line}, column {column})")]
+pub struct RuleCompileError {
+    pub message: String,
+    pub line: usize,
+    pub column: usize,
+}
+
+impl RuleCompileError {
+    pub(crate) fn new(message: impl Into<String>, line: usize, column: usize) -> Self {
+        Self {
+            message: message.into(),
+            line: line.max(1),
+            column: column.max(1),
+        }
+    }
+}
+
+/// Evaluation could not decide; the caller must deny.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuleEvalError {
+    #[error("rule reads more than {limit} documents with get()/exists()")]
+    TooManyLookups { limit: usize },
+    #[error("get()/exists() failed: {0}")]
+    Lookup(String),
+}
+
+/// The signed-in caller as rules see it (`auth`); `None` in [`RuleInput`] is CEL `null`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuthInfo {
+    pub uid: String,
+    pub role: String,
+    pub email: Option<String>,
+    pub email_verified: bool,
+    pub is_anonymous: bool,
+    /// Custom claims set by admins; a JSON object (anything else is seen as `{}`).
+    pub claims: Json,
+}
+
+/// `request`: the method, the request time and, for writes, the document data after the write.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestInfo {
+    pub method: String,
+    pub time: DateTime<Utc>,
+    pub data: Option<Json>,
+}
+
+/// Everything a rule can see about one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuleInput {
+    pub auth: Option<AuthInfo>,
+    /// The stored document `{id, data, version, created_at, updated_at}`; `None` on create.
+    pub resource: Option<Json>,
+    pub request: RequestInfo,
+}
+
+/// Reads another document for `get()`/`exists()`. `Ok(None)` means it does not exist; the
+/// returned value is the whole document `{id, data, version, created_at, updated_at}`.
+pub trait DocumentLookup: Send + Sync {
+    fn get(&self, collection: &str, id: &str) -> Result<Option<Json>, String>;
+}
+
+/// For rules evaluated where other documents are not reachable: every lookup fails, so a rule
+/// that needs one denies.
+pub struct NoLookup;
+
+impl DocumentLookup for NoLookup {
+    fn get(&self, _collection: &str, _id: &str) -> Result<Option<Json>, String> {
+        Err("get()/exists() are not available here".to_string())
+    }
+}
+
+impl Rule {
+    pub fn compile(source: &str) -> Result<Rule, RuleCompileError> {
+        if source.trim().is_empty() {
+            return Err(RuleCompileError::new(
+                "empty rule; write `true` to allow everyone",
+                1,
+                1,
+            ));
+        }
+        let expr = parse(source)?;
+        check::validate(&expr, source)?;
+        Ok(Rule {
+            inner: Arc::new(Compiled {
+                source: source.to_string(),
+                expr,
+            }),
+        })
+    }
+
+    /// The rule text as written.
+    pub fn source(&self) -> &str {
+        &self.inner.source
+    }
+
+    pub fn evaluate(
+        &self,
+        input: &RuleInput,
+        lookup: &dyn DocumentLookup,
+    ) -> Result<bool, RuleEvalError> {
+        let cache = Arc::new(Mutex::new(eval::LookupCache::default()));
+        let mut ctx = eval::base_context(cache.clone());
+        ctx.add_variable_from_value("auth", value::auth_to_cel(input.auth.as_ref()));
+        ctx.add_variable_from_value(
+            "resource",
+            input
+                .resource
+                .as_ref()
+                .map(value::document_to_cel)
+                .unwrap_or(Value::Null),
+        );
+        ctx.add_variable_from_value("request", value::request_to_cel(&input.request));
+        match eval::evaluate_with_lookups(&self.inner.expr, &ctx, &cache, lookup)? {
+            Ok(Value::Bool(allowed)) => Ok(allowed),
+            Ok(other) => {
+                tracing::debug!(rule = %self.inner.source, result = ?other, "rule result is not a bool: deny");
+                Ok(false)
+            }
+            Err(error) => {
+                tracing::debug!(rule = %self.inner.source, %error, "rule failed: deny");
+                Ok(false)
+            }
+        }
+    }
+
+    /// Partially evaluates the rule for a query by this caller at `now`; see [`Pushdown`].
+    pub fn pushdown(&self, auth: Option<&AuthInfo>, now: DateTime<Utc>) -> Pushdown {
+        pushdown::pushdown(&self.inner.expr, auth, now)
+    }
+}
+
+/// cel-parser 0.10 panics (an `unreachable!` in antlr4rust) on some incomplete input such as
+/// `a == `; that is a syntax error at the end of the text, not a crash.
+fn parse(source: &str) -> Result<IdedExpr, RuleCompileError> {
+    let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        cel_parser::Parser::new()
+            .parse(source)
+            .map_err(|errors| match errors.errors.first() {
+                Some(first) => RuleCompileError::new(
+                    first.msg.clone(),
+                    usize::try_from(first.pos.0).unwrap_or(1),
+                    usize::try_from(first.pos.1).unwrap_or(1),
+                ),
+                None => RuleCompileError::new("syntax error", 1, 1),
+            })
+    }));
+    parsed.unwrap_or_else(|_| {
+        let text = source.trim_end();
+        let line = text.matches('\n').count() + 1;
+        let column = text.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+        Err(RuleCompileError::new(
+            "syntax error: the expression is incomplete",
+            line,
+            column,
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests;
