@@ -139,7 +139,7 @@ async fn background_tasks(state: AppState) {
         tick.tick().await;
         state.auth.tokens.reload_if_stale().await;
         state.auth_limits.shrink();
-        if ticks % 20 == 0 {
+        if ticks.is_multiple_of(20) {
             match state.documents.prune_changes().await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(entries = n, "pruned the change log"),
