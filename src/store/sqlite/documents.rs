@@ -175,7 +175,7 @@ fn create_indexes(
 impl DocumentStore for SqliteStore {
     async fn collection(&self, name: &str) -> StoreResult<Option<CollectionRow>> {
         let name = name.to_string();
-        self.read(move |c| {
+        self.read_point(move |c| {
             c.prepare_cached(
                 "SELECT name, rules, indexes, schema, created_at, updated_at FROM collections WHERE name = ?1",
             )
@@ -238,7 +238,7 @@ impl DocumentStore for SqliteStore {
 
     async fn get_document(&self, collection: &str, id: &str) -> StoreResult<Option<DocumentRow>> {
         let (collection, id) = (collection.to_string(), id.to_string());
-        self.read(move |c| {
+        self.read_point(move |c| {
             c.prepare_cached(&format!(
                 "SELECT {DOC_COLUMNS} FROM documents WHERE collection = ?1 AND id = ?2"
             ))
