@@ -255,6 +255,18 @@ const CONTRACT_ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/admin/keys"),
     ("delete", "/v1/admin/keys/{id}"),
     ("get", "/v1/admin/audit"),
+    ("get", "/v1/admin/collections"),
+    ("put", "/v1/admin/collections/{name}"),
+    ("get", "/v1/admin/collections/{name}"),
+    ("delete", "/v1/admin/collections/{name}"),
+    ("post", "/v1/db/{collection}"),
+    ("get", "/v1/db/{collection}/{id}"),
+    ("put", "/v1/db/{collection}/{id}"),
+    ("patch", "/v1/db/{collection}/{id}"),
+    ("delete", "/v1/db/{collection}/{id}"),
+    ("post", "/v1/db/{collection}/_query"),
+    ("post", "/v1/db/{collection}/_aggregate"),
+    ("post", "/v1/db/_batch"),
     ("get", "/health"),
     ("get", "/ready"),
     ("get", "/metrics"),
@@ -281,7 +293,10 @@ async fn openapi_document_describes_every_route(backend: Backend) {
     // (404 "no such route") or a 405.
     for (path, ops) in paths {
         for method in ops.as_object().unwrap().keys() {
-            let concrete = path.replace("{id}", "x");
+            let concrete = path
+                .replace("{id}", "x")
+                .replace("{collection}", "x")
+                .replace("{name}", "x");
             let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
             let r = app.send(m, &concrete, None, None).await;
             assert_ne!(
