@@ -29,6 +29,9 @@ pub enum StoreError {
     /// An optimistic-concurrency precondition failed (`If-Match`, `if_version`).
     #[error("version mismatch")]
     VersionMismatch { expected: i64, actual: Option<i64> },
+    /// The database refused a value it cannot store (e.g. PostgreSQL and U+0000 in text).
+    #[error("{0}")]
+    InvalidInput(String),
     /// The database cannot be reached (connection refused, pool exhausted, disk gone).
     #[error("database unavailable")]
     Unavailable(#[source] anyhow::Error),

@@ -415,6 +415,8 @@ async fn bad_documents_are_refused_and_nothing_is_stored(backend: Backend) {
         (json!({"id": 5, "data": {}}), 400),
         (json!({"data": {}, "extra": 1}), 400),
         (json!({}), 400),
+        (json!({"data": {"name": "nul\u{0}byte"}}), 400),
+        (json!({"data": {"key\u{0}": 1}}), 400),
     ] {
         let r = create(&app, &admin, "items", body.clone()).await;
         assert_eq!(r.status.as_u16(), status, "{body}: {}", r.text);
@@ -1086,6 +1088,14 @@ async fn injection_attempts_in_paths_and_values_find_nothing(backend: Backend) {
         "{}",
         r.text
     );
+    let r = query(
+        &app,
+        Some(&admin),
+        "safe",
+        json!({"where": ["name", "==", "a\u{0}"]}),
+    )
+    .await;
+    r.assert_error(400, "invalid_argument");
     // The table is intact.
     assert_eq!(
         ids(&query(&app, Some(&admin), "safe", json!({})).await),
