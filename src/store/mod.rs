@@ -355,6 +355,16 @@ pub struct NumericAggregates {
     pub sums: Vec<(f64, u64)>,
 }
 
+/// A `LIKE` pattern matching `needle` anywhere, with `\` escaping the wildcards in it (used
+/// with `ESCAPE '\'`).
+pub fn contains_pattern(needle: &str) -> String {
+    let escaped = needle
+        .replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_");
+    format!("%{escaped}%")
+}
+
 /// The API form of a document (`{id, data, version, created_at, updated_at}`), as the change
 /// log keeps it.
 pub fn document_json(d: &DocumentRow) -> Value {

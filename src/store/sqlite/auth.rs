@@ -6,8 +6,8 @@ use rusqlite::{params, OptionalExtension, Row};
 
 use super::{map_err, parse_ts, parse_ts_opt, ts, SqliteStore};
 use crate::store::{
-    AdminRow, AuditRow, AuthStore, NewAudit, RefreshTokenRow, Rotation, ServiceKeyRow, SessionRow,
-    SigningKeyRow, StoreResult, UserCursor, UserRow,
+    contains_pattern, AdminRow, AuditRow, AuthStore, NewAudit, RefreshTokenRow, Rotation,
+    ServiceKeyRow, SessionRow, SigningKeyRow, StoreResult, UserCursor, UserRow,
 };
 
 const USER_COLUMNS: &str = "id, email, password_hash, email_verified, is_anonymous, data, claims, \
@@ -68,15 +68,6 @@ fn service_key_from_row(row: &Row<'_>) -> rusqlite::Result<ServiceKeyRow> {
         created_at: parse_ts(&row.get::<_, String>(4)?)?,
         last_used_at: parse_ts_opt(row.get(5)?)?,
     })
-}
-
-/// `LIKE` pattern matching `needle` anywhere, with `\` escaping the wildcards in it.
-fn contains_pattern(needle: &str) -> String {
-    let escaped = needle
-        .replace('\\', "\\\\")
-        .replace('%', "\\%")
-        .replace('_', "\\_");
-    format!("%{escaped}%")
 }
 
 #[async_trait]
