@@ -52,6 +52,9 @@ bin="${CARGO_TARGET_DIR:-$repo/target}/release/basalt"
     echo "no binary at $bin" >&2
     exit 1
 }
+# a private copy: other builds sharing the target dir may replace the binary mid-run
+cp "$bin" "$out/basalt"
+bin="$out/basalt"
 
 json_field() { # json_field FIELD.PATH < json
     python3 -c 'import json,sys
@@ -128,11 +131,13 @@ results=()
 
 # run_wrk NAME SCRIPT DB: runs wrk, keeps its output, records rps / p50 / p99 / server CPU
 run_wrk() {
-    local name=$1 script=$2 db=$3 file cpu0 cpu1 rps p50 p99 total cpu_us statuses
+    local name=$1 script=$2 db=$3 file cpu0 cpu1 rps p50 p99 total cpu_us statuses rss load
     file="$out/$db-$name.txt"
+    load=$(cut -d' ' -f1 /proc/loadavg)
     cpu0=$(server_cpu_ticks)
     wrk -t2 -c16 -d"$duration" --latency -s "$repo/bench/wrk/$script" "$base" >"$file"
     cpu1=$(server_cpu_ticks)
+    rss=$(awk '/^VmHWM/ {printf "%d MiB", $2 / 1024}' "/proc/$server_pid/status")
     rps=$(awk '/^Requests\/sec:/ {printf "%d", $2}' "$file")
     p50=$(awk '$1 == "50%" {print $2}' "$file")
     p99=$(awk '$1 == "99%" {print $2}' "$file")
@@ -140,9 +145,9 @@ run_wrk() {
     statuses=$(sed -n 's/^statuses: //p' "$file")
     cpu_us=$(awk -v t=$((cpu1 - cpu0)) -v hz="$clk_tck" -v n="$total" \
         'BEGIN { if (n > 0) printf "%d", t / hz * 1e6 / n; else print "-" }')
-    printf '  %-8s %-7s %8s rps   p50 %-8s p99 %-8s server CPU/req %s µs   [%s]\n' \
-        "$db" "$name" "$rps" "$p50" "$p99" "$cpu_us" "$statuses"
-    results+=("| $name | $db | $rps | $p50 | $p99 | $cpu_us | $statuses |")
+    printf '  %-8s %-7s %8s rps   p50 %-8s p99 %-8s server CPU/req %s µs  peak RSS %s  load before %s  [%s]\n' \
+        "$db" "$name" "$rps" "$p50" "$p99" "$cpu_us" "$rss" "$load" "$statuses"
+    results+=("| $name | $db | $rps | $p50 | $p99 | $cpu_us | $rss | $load | $statuses |")
     if grep -q 'Non-2xx' "$file"; then
         echo "    warning: $(grep 'Non-2xx' "$file")" >&2
     fi
@@ -163,18 +168,24 @@ bench_one() { # bench_one sqlite|postgres
         -d "{\"email\":\"$email\",\"password\":\"correct horse battery\"}" \
         "$base/v1/auth/token?grant_type=password")
     echo "  one signup alone: ${t_signup}s, one login alone: ${t_login}s"
-    results+=("| (one request alone) | $db | signup ${t_signup}s, login ${t_login}s | | | | |")
+    results+=("| (one request alone) | $db | signup ${t_signup}s, login ${t_login}s | | | | | | |")
 
     run_wrk signup signup.lua "$db"
 
     # users for the login benchmark, created 8 at a time
+    # (waiting on these PIDs only: a bare `wait` would wait for the server too)
+    local -a pids=()
     for ((i = 0; i < login_users; i++)); do
         curl -fsS -o /dev/null -H 'content-type: application/json' \
             -d "{\"email\":\"login-$run-$i@bench.example\",\"password\":\"correct horse battery\"}" \
             "$base/v1/auth/signup" &
-        if (((i + 1) % 8 == 0)); then wait; fi
+        pids+=($!)
+        if ((${#pids[@]} == 8)); then
+            wait "${pids[@]}"
+            pids=()
+        fi
     done
-    wait
+    ((${#pids[@]} == 0)) || wait "${pids[@]}"
     run_wrk login login.lua "$db"
 
     token=$(curl -fsS -H 'content-type: application/json' \
@@ -192,7 +203,7 @@ echo "argon2id: memory ${BENCH_ARGON2_MEMORY_KIB:-19456 (default)} KiB, iteratio
 [[ $which_db == postgres || $which_db == all ]] && bench_one postgres
 
 {
-    echo "| benchmark | database | rps | p50 | p99 | server CPU µs/req | statuses |"
-    echo "|---|---|---|---|---|---|---|"
+    echo "| benchmark | database | rps | p50 | p99 | server CPU µs/req | server peak RSS | load avg before | statuses |"
+    echo "|---|---|---|---|---|---|---|---|---|"
     printf '%s\n' "${results[@]}"
 } | tee "$out/summary.md"
