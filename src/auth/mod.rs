@@ -381,7 +381,7 @@ impl AuthService {
     }
 
     /// The `password` grant. A wrong email and a wrong password answer the same, in the same
-    /// time; a disabled account answers the same too once the password is right.
+    /// time; a disabled account answers 403 only once the password is right.
     pub async fn sign_in_with_password(
         &self,
         email: &str,

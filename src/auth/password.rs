@@ -1,5 +1,7 @@
 //! Password hashing with argon2id, always off the async threads (one hash costs tens of
-//! milliseconds of CPU by design).
+//! milliseconds of CPU by design). At most one hash per core runs at a time: more cannot go
+//! faster, and each one holds its memory cost (19 MiB by default) while it runs — a burst of
+//! sign-ins on the blocking pool's many threads otherwise grew the process by gigabytes.
 
 use argon2::password_hash::{
     rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
@@ -11,6 +13,7 @@ use crate::error::ApiError;
 #[derive(Clone)]
 pub struct PasswordHasherConfig {
     params: Params,
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
     /// A hash of a random password, verified against when the account does not exist so that
     /// a wrong email costs the same time as a wrong password.
     dummy_hash: String,
@@ -21,12 +24,20 @@ impl PasswordHasherConfig {
         let params = Params::new(memory_kib, iterations, 1, None)
             .map_err(|e| anyhow::anyhow!("invalid argon2 parameters: {e}"))?;
         let dummy_hash = hash_sync(&params, "basalt-dummy-password-for-equal-timing")?;
-        Ok(PasswordHasherConfig { params, dummy_hash })
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        Ok(PasswordHasherConfig {
+            params,
+            permits: std::sync::Arc::new(tokio::sync::Semaphore::new(cores)),
+            dummy_hash,
+        })
     }
 
     pub async fn hash(&self, password: &str) -> Result<String, ApiError> {
         let params = self.params.clone();
         let password = password.to_string();
+        let _permit = self.permits.acquire().await.map_err(ApiError::internal)?;
         tokio::task::spawn_blocking(move || hash_sync(&params, &password))
             .await
             .map_err(ApiError::internal)?
@@ -41,6 +52,7 @@ impl PasswordHasherConfig {
             None => (self.dummy_hash.clone(), false),
         };
         let password = password.to_string();
+        let _permit = self.permits.acquire().await.map_err(ApiError::internal)?;
         let ok = tokio::task::spawn_blocking(move || {
             let parsed =
                 PasswordHash::new(&hash).map_err(|e| anyhow::anyhow!("stored hash: {e}"))?;

@@ -322,7 +322,9 @@ fn generate_key() -> anyhow::Result<SigningKeyRow> {
 
 fn build_key_set(rows: &[SigningKeyRow], max_ttl: Duration) -> anyhow::Result<KeySet> {
     let now = Utc::now();
-    let grace = chrono::Duration::from_std(max_ttl)?;
+    // A node learns of a rotation at its next reload (up to ~90 s later) and signs with the
+    // retired key until then, so the retired key stays valid that much past its last token.
+    let grace = chrono::Duration::from_std(max_ttl + std::time::Duration::from_secs(120))?;
     let active = rows
         .iter()
         .find(|k| k.retired_at.is_none())
