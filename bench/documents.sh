@@ -12,9 +12,13 @@
 #
 # Knobs (environment): DURATION=10s THREADS=2 CONNS=16 DOCS=1000 ROUNDS=1 (median of rounds)
 #   WARMUP=2s (discarded run before each op; 0 = none)
-#   OWNER_SIZES="10000 100000"  BASALT_BIN=path (else a release build of this tree)
+#   OWNER_SIZES="10000 100000"  DOCBENCH_BASALT=path (else a release build of this tree)
 #   PGHOST=127.0.0.1 PGPORT=5432 PGUSER=postgres  KEEP=1 (keep the work dir)
 set -euo pipefail
+
+# basalt reads every BASALT_* variable as configuration and refuses unknown keys: start it
+# with only the ones set below
+for v in $(compgen -e | grep '^BASALT_' || true); do unset "$v"; done
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(dirname "$HERE")
@@ -38,7 +42,7 @@ need_basalt() { wants basalt-sqlite || wants basalt-postgres || wants owner; }
 
 WORK=$(mktemp -d /tmp/docbench.XXXXXX)
 RESULTS="$WORK/results.tsv"     # server, op, rps, p50_us, p99_us, requests, non2xx, errors, cpu_us_per_req
-: >"$RESULTS"; : >"$WORK/rss.tsv"
+: >"$RESULTS"; : >"$WORK/rss.tsv"; : >"$WORK/load.tsv"
 SERVER_PID=""
 log() { printf '\n== %s\n' "$*" >&2; }
 
@@ -63,12 +67,12 @@ install_tools() {
     (cd "$HERE/peers/parse" && npm ci --no-audit --no-fund --loglevel=error)
   fi
   if need_basalt; then
-    if [ -z "${BASALT_BIN:-}" ]; then
+    if [ -z "${DOCBENCH_BASALT:-}" ]; then
       log "building basalt (release)"
       (cd "$ROOT" && cargo build --release --quiet)
-      BASALT_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/basalt"
+      DOCBENCH_BASALT="${CARGO_TARGET_DIR:-$ROOT/target}/release/basalt"
     fi
-    [ -x "$BASALT_BIN" ] || { echo "no basalt binary at $BASALT_BIN" >&2; exit 1; }
+    [ -x "$DOCBENCH_BASALT" ] || { echo "no basalt binary at $DOCBENCH_BASALT" >&2; exit 1; }
   fi
   if wants parse || wants basalt-postgres || wants owner; then
     psql -qAtc 'select 1' postgres >/dev/null || { echo "PostgreSQL not reachable at $PG_BASE" >&2; exit 1; }
@@ -83,6 +87,9 @@ fresh_db() { # NAME: drop and create a PostgreSQL database
 # ---------------------------------------------------------------- server lifecycle
 start_server() { # NAME HEALTH_URL CMD...: start in the background, wait until it answers
   local name=$1 url=$2; shift 2
+  # other work on the box skews everything: record the 1-minute load average at each start
+  echo "   load average before starting $name: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+  printf '%s\t%s\n' "$name" "$(cut -d' ' -f1 /proc/loadavg)" >>"$WORK/load.tsv"
   "$@" >"$WORK/$name.log" 2>&1 &
   SERVER_PID=$!
   local i
@@ -206,8 +213,8 @@ start_basalt() { # NAME DIR DB_URL -> BASALT_KEY
   basalt_env "$2" "$3"
   mkdir -p "$2/data"
   PORT=$BASALT_PORT
-  start_server "$1" "http://127.0.0.1:$PORT/health" env "${BENV[@]}" "$BASALT_BIN" serve
-  BASALT_KEY=$(env "${BENV[@]}" "$BASALT_BIN" keys create bench | tail -1)
+  start_server "$1" "http://127.0.0.1:$PORT/health" env "${BENV[@]}" "$DOCBENCH_BASALT" serve
+  BASALT_KEY=$(env "${BENV[@]}" "$DOCBENCH_BASALT" keys create bench | tail -1)
   case "$BASALT_KEY" in bsk_*) ;; *) echo "basalt keys create printed no key: $BASALT_KEY" >&2; exit 1;; esac
 }
 
@@ -245,4 +252,4 @@ wants basalt-sqlite && bench_basalt sqlite
 wants basalt-postgres && bench_basalt postgres
 if wants owner; then bench_owner sqlite; bench_owner postgres; fi
 
-python3 "$HERE/peers/docs_report.py" "$RESULTS" "$WORK/rss.tsv"
+python3 "$HERE/peers/docs_report.py" "$RESULTS" "$WORK/rss.tsv" "$WORK/load.tsv"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Print bench/documents.sh's results as markdown tables.
 
-  docs_report.py RESULTS.tsv RSS.tsv
+  docs_report.py RESULTS.tsv RSS.tsv LOAD.tsv
 RESULTS rows: server, op, rps, p50_us, p99_us, requests, non2xx, socket_errors, cpu_us_per_req
 """
 import sys
@@ -83,6 +83,14 @@ def main():
             mem = f"{rss[s] / 1024:.0f} MB" if s in rss else "–"
             print(f"| {s} | " + " | ".join(cpus) + f" | {mem} |")
         print()
+    if len(sys.argv) > 3:
+        with open(sys.argv[3]) as f:
+            loads = [l.rstrip("\n").split("\t") for l in f if "\t" in l]
+        if loads:
+            print("1-minute load average when each server started (2 cores; anything well above "
+                  "0 is other work competing with the benchmark): "
+                  + ", ".join(f"{n} {v}" for n, v in loads))
+            print()
 
     owner = sorted(((s, op) for (s, op) in rows if op.startswith("owner@")),
                    key=lambda k: (k[0], int(k[1].split("@")[1])))
