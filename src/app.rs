@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use crate::auth::limits::AuthRateLimits;
 use crate::auth::AuthService;
 use crate::config::Config;
+use crate::documents::DocumentService;
 use crate::store::Store;
 
 /// What every handler can reach. Cheap to clone.
@@ -21,6 +22,7 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub auth: Arc<AuthService>,
     pub auth_limits: Arc<AuthRateLimits>,
+    pub documents: Arc<DocumentService>,
     pub metrics: &'static PrometheusHandle,
     /// The externally visible base URL (`public_url`, or `http://<bound address>`).
     pub public_url: Arc<str>,
@@ -48,6 +50,10 @@ impl App {
             AuthService::new(store.clone(), config.auth.clone(), config.token_issuer()).await?;
         let state = AppState {
             auth_limits: Arc::new(AuthRateLimits::new(&config.rate_limit)),
+            documents: Arc::new(DocumentService::new(
+                store.clone(),
+                config.documents.clone(),
+            )),
             config: Arc::new(config),
             store,
             auth: Arc::new(auth),
@@ -124,14 +130,23 @@ impl App {
     }
 }
 
-/// Periodic upkeep: reload signing keys (rotation by another node or the CLI) and forget
-/// rate-limit state of quiet clients.
+/// Periodic upkeep: reload signing keys (rotation by another node or the CLI), forget
+/// rate-limit state of quiet clients, prune the change log past its retention.
 async fn background_tasks(state: AppState) {
     let mut tick = tokio::time::interval(Duration::from_secs(30));
+    let mut ticks: u64 = 0;
     loop {
         tick.tick().await;
         state.auth.tokens.reload_if_stale().await;
         state.auth_limits.shrink();
+        if ticks.is_multiple_of(20) {
+            match state.documents.prune_changes().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(entries = n, "pruned the change log"),
+                Err(err) => tracing::warn!(error = %err, "could not prune the change log"),
+            }
+        }
+        ticks += 1;
     }
 }
 

@@ -168,6 +168,10 @@ impl From<StoreError> for ApiError {
                 ApiError::Unavailable("the database is unavailable".into())
             }
             StoreError::Internal(err) => ApiError::Internal(err),
+            StoreError::Rejected(err) => match err.downcast::<ApiError>() {
+                Ok(api) => *api,
+                Err(other) => ApiError::Internal(anyhow::anyhow!(other)),
+            },
         }
     }
 }

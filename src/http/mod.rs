@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod documents;
 pub mod extract;
 pub mod ops;
 
@@ -34,6 +35,7 @@ pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id"
     tags(
         (name = "auth", description = "Accounts and sessions"),
         (name = "admin", description = "Administration (admin token or service key)"),
+        (name = "documents", description = "The document database"),
         (name = "ops", description = "Health, readiness, metrics, keys"),
     )
 )]
@@ -61,7 +63,11 @@ pub fn api() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(ops::router())
         .nest("/v1/auth", auth::router())
-        .nest("/v1/admin", admin::router())
+        .nest(
+            "/v1/admin",
+            admin::router().merge(documents::admin_router()),
+        )
+        .nest("/v1/db", documents::router())
 }
 
 /// The served router: all routes, `/v1/openapi.json`, and the middleware stack.

@@ -7,6 +7,7 @@
 //! its own file per dialect; [`Store`] is the sum that the application holds as
 //! `Arc<dyn Store>`.
 
+pub mod docsql;
 pub mod postgres;
 pub mod sqlite;
 
@@ -33,6 +34,9 @@ pub enum StoreError {
     Unavailable(#[source] anyhow::Error),
     #[error("database error")]
     Internal(#[source] anyhow::Error),
+    /// A planned write's own check refused it (see [`Decide`]).
+    #[error("write rejected: {0}")]
+    Rejected(Rejection),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -253,10 +257,187 @@ pub trait AuthStore: Send + Sync {
     async fn meta_delete(&self, key: &str) -> StoreResult<bool>;
 }
 
+/// A stored document (API.md § Documents).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DocumentRow {
+    pub collection: String,
+    pub id: String,
+    pub data: Value,
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CollectionRow {
+    pub name: String,
+    /// `{read?, create?, update?, delete?}` rule sources.
+    pub rules: Value,
+    /// The declared indexes as given (`[{fields: [[field, dir]], unique?}]`).
+    pub indexes: Value,
+    pub schema: Option<Value>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A declared index, ready for SQL: every key passed `docsql::is_index_safe_key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexSpec {
+    pub fields: Vec<(Vec<String>, bool)>,
+    pub unique: bool,
+}
+
+/// One entry of the change log: every committed document write appends one in the same
+/// transaction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangeRow {
+    pub seq: i64,
+    pub collection: String,
+    pub id: String,
+    /// `create`, `update` or `delete`.
+    pub op: String,
+    pub version: i64,
+    pub document: Option<Value>,
+    pub old_document: Option<Value>,
+    pub time: DateTime<Utc>,
+}
+
+/// What a write does once it has seen the current document.
+#[derive(Debug, Clone)]
+pub enum WriteDecision {
+    /// Store this `data` (creating or replacing; the version grows by one).
+    Put(Value),
+    Delete,
+}
+
+/// Why a planned write refused to go ahead: an error of the caller's own type, handed back
+/// unchanged through [`StoreError::Rejected`].
+pub type Rejection = Box<dyn std::error::Error + Send + Sync>;
+
+/// Decides a write from the current document (read inside the write transaction, so nothing
+/// can change between the check and the write) and the transaction's time.
+pub type Decide =
+    Box<dyn FnOnce(Option<&DocumentRow>, DateTime<Utc>) -> Result<WriteDecision, Rejection> + Send>;
+
+pub struct PlannedWrite {
+    pub collection: String,
+    pub id: String,
+    pub decide: Decide,
+}
+
+#[derive(Debug, Clone)]
+pub struct WriteOutcome {
+    /// The document after the write; `None` after a delete.
+    pub document: Option<DocumentRow>,
+    pub change: ChangeRow,
+}
+
+/// What a document scan reads: the collection, a filter (the caller has already combined the
+/// request's `where` with any rule filter), an order ending in `$id`, a start position.
+pub struct Scan<'a> {
+    pub collection: &'a str,
+    pub filter: Option<&'a crate::documents::query::Filter>,
+    pub order: &'a [crate::documents::query::Order],
+    pub after: Option<&'a crate::documents::query::Cursor>,
+    pub limit: u32,
+    /// Paths with a declared index, so their SQL matches the index expression.
+    pub indexed: &'a [Vec<String>],
+}
+
+/// Sums for `_aggregate`: the number of documents and, per requested path, the sum and count
+/// of its numeric values.
+#[derive(Debug, Clone, Default)]
+pub struct NumericAggregates {
+    pub count: u64,
+    pub sums: Vec<(f64, u64)>,
+}
+
+/// The API form of a document (`{id, data, version, created_at, updated_at}`), as the change
+/// log keeps it.
+pub fn document_json(d: &DocumentRow) -> Value {
+    serde_json::json!({
+        "id": d.id,
+        "data": d.data,
+        "version": d.version,
+        "created_at": d.created_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        "updated_at": d.updated_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+    })
+}
+
+/// The prefix of a collection's SQL index names. It derives from a hash of the collection
+/// name, so one collection's prefix can never match another's.
+pub fn index_prefix(collection: &str) -> String {
+    use sha2::{Digest, Sha256};
+    format!(
+        "docidx_{}_",
+        &hex::encode(Sha256::digest(collection.as_bytes()))[..16]
+    )
+}
+
+/// The in-process change feed: every committed document write, in commit order on SQLite
+/// (published while the single writer still holds its lock) and in commit-completion order on
+/// PostgreSQL. A subscriber that falls behind gets `Lagged` and catches up from the change
+/// log with [`DocumentStore::changes_since`]. Realtime and function triggers consume it.
+pub struct ChangeFeed {
+    tx: tokio::sync::broadcast::Sender<Arc<ChangeRow>>,
+}
+
+impl Default for ChangeFeed {
+    fn default() -> Self {
+        ChangeFeed {
+            tx: tokio::sync::broadcast::channel(4096).0,
+        }
+    }
+}
+
+impl ChangeFeed {
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<ChangeRow>> {
+        self.tx.subscribe()
+    }
+
+    pub fn publish(&self, outcomes: &[WriteOutcome]) {
+        for o in outcomes {
+            // No subscriber is not an error.
+            let _ = self.tx.send(Arc::new(o.change.clone()));
+        }
+    }
+}
+
 /// Documents, collections and the change log (API.md § Documents). Implemented per dialect in
 /// `sqlite/documents.rs` and `postgres/documents.rs`.
 #[async_trait]
-pub trait DocumentStore: Send + Sync {}
+pub trait DocumentStore: Send + Sync {
+    async fn collection(&self, name: &str) -> StoreResult<Option<CollectionRow>>;
+    async fn list_collections(&self) -> StoreResult<Vec<CollectionRow>>;
+    /// Creates or replaces the collection and makes its SQL indexes exactly `indexes`. A
+    /// unique index that existing documents violate fails with `Conflict`.
+    async fn put_collection(&self, row: &CollectionRow, indexes: &[IndexSpec]) -> StoreResult<()>;
+    /// Deletes the collection, its documents and its indexes. `false` if there was none.
+    async fn delete_collection(&self, name: &str) -> StoreResult<bool>;
+
+    async fn get_document(&self, collection: &str, id: &str) -> StoreResult<Option<DocumentRow>>;
+    /// Applies the writes in one transaction, in order, all or nothing. Each write's `decide`
+    /// sees the current document under the transaction's lock. A unique-index violation is
+    /// `AlreadyExists`; a `decide` refusal is `Rejected` with the caller's error.
+    async fn apply_writes(&self, writes: Vec<PlannedWrite>) -> StoreResult<Vec<WriteOutcome>>;
+    async fn scan_documents(&self, scan: &Scan<'_>) -> StoreResult<Vec<DocumentRow>>;
+    async fn count_documents(&self, scan: &Scan<'_>) -> StoreResult<u64>;
+    /// Count and numeric sums over the documents a scan's filter matches (order and limit
+    /// are ignored).
+    async fn aggregate_numbers(
+        &self,
+        scan: &Scan<'_>,
+        paths: &[Vec<String>],
+    ) -> StoreResult<NumericAggregates>;
+
+    /// The feed every committed write is published on.
+    fn feed(&self) -> &ChangeFeed;
+
+    /// Change-log entries with `seq > after`, oldest first.
+    async fn changes_since(&self, after: i64, limit: u32) -> StoreResult<Vec<ChangeRow>>;
+    /// Deletes change-log entries older than `before`; returns how many.
+    async fn prune_changes(&self, before: DateTime<Utc>) -> StoreResult<u64>;
+}
 
 #[async_trait]
 pub trait Store: AuthStore + DocumentStore {

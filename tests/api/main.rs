@@ -5,4 +5,6 @@ mod helpers;
 mod admin;
 mod auth;
 mod cli;
+mod documents;
 mod ops;
+mod rules;

@@ -1,6 +1,430 @@
 //! Documents, collections and the change log on PostgreSQL.
 
-use super::PgStore;
-use crate::store::DocumentStore;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::postgres::{PgArguments, PgRow};
+use sqlx::query::Query;
+use sqlx::{Postgres, Row};
 
-impl DocumentStore for PgStore {}
+use super::{map_err, PgStore};
+use crate::store::docsql::{index_expression, Bind, Dialect, SqlBuilder};
+use crate::store::{
+    document_json, index_prefix, ChangeRow, CollectionRow, DocumentRow, DocumentStore, IndexSpec,
+    NumericAggregates, PlannedWrite, Scan, StoreError, StoreResult, WriteDecision, WriteOutcome,
+};
+
+const DOC_COLUMNS: &str = "collection, id, data, version, created_at, updated_at";
+
+fn document_from_row(row: &PgRow) -> Result<DocumentRow, sqlx::Error> {
+    Ok(DocumentRow {
+        collection: row.try_get(0)?,
+        id: row.try_get(1)?,
+        data: row.try_get(2)?,
+        version: row.try_get(3)?,
+        created_at: row.try_get(4)?,
+        updated_at: row.try_get(5)?,
+    })
+}
+
+fn collection_from_row(row: &PgRow) -> Result<CollectionRow, sqlx::Error> {
+    Ok(CollectionRow {
+        name: row.try_get(0)?,
+        rules: row.try_get(1)?,
+        indexes: row.try_get(2)?,
+        schema: row.try_get(3)?,
+        created_at: row.try_get(4)?,
+        updated_at: row.try_get(5)?,
+    })
+}
+
+fn bind_all<'q>(
+    mut q: Query<'q, Postgres, PgArguments>,
+    binds: Vec<Bind>,
+) -> Query<'q, Postgres, PgArguments> {
+    for b in binds {
+        q = match b {
+            Bind::Text(s) => q.bind(s),
+            Bind::Int(i) => q.bind(i),
+            Bind::Real(f) => q.bind(f),
+            Bind::Json(v) => q.bind(v),
+            Bind::Time(t) => q.bind(t),
+            Bind::Path(p) => q.bind(p),
+        };
+    }
+    q
+}
+
+fn scan_where(b: &mut SqlBuilder<'_>, scan: &Scan<'_>, with_cursor: bool) -> String {
+    let c = b.bind(Bind::Text(scan.collection.to_string()));
+    let mut sql = format!("collection = {c}");
+    if let Some(filter) = scan.filter {
+        sql.push_str(" AND ");
+        sql.push_str(&b.filter(filter));
+    }
+    if with_cursor {
+        if let Some(after) = scan.after {
+            sql.push_str(" AND ");
+            sql.push_str(&b.after(scan.order, after));
+        }
+    }
+    sql
+}
+
+async fn create_indexes(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    collection: &str,
+    indexes: &[IndexSpec],
+) -> StoreResult<()> {
+    let prefix = index_prefix(collection);
+    let existing: Vec<String> = sqlx::query_scalar(
+        "SELECT indexname FROM pg_indexes WHERE tablename = 'documents' AND left(indexname, length($1)) = $1",
+    )
+    .bind(&prefix)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    for name in existing {
+        sqlx::query(&format!("DROP INDEX \"{name}\""))
+            .execute(&mut **tx)
+            .await
+            .map_err(map_err)?;
+    }
+    for (n, index) in indexes.iter().enumerate() {
+        let exprs: Vec<String> = index
+            .fields
+            .iter()
+            .map(|(path, desc)| {
+                format!(
+                    "{}{}",
+                    index_expression(Dialect::Postgres, path),
+                    if *desc { " DESC" } else { "" }
+                )
+            })
+            .collect();
+        sqlx::query(&format!(
+            "CREATE INDEX \"{prefix}{n}\" ON documents (collection, {})",
+            exprs.join(", ")
+        ))
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        if index.unique {
+            sqlx::query(&format!(
+                "CREATE UNIQUE INDEX \"{prefix}{n}_unique\" ON documents ({}) WHERE collection = '{collection}'",
+                exprs.join(", ")
+            ))
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| match map_err(e) {
+                StoreError::AlreadyExists(_) => {
+                    StoreError::Conflict("existing documents violate the unique index".into())
+                }
+                other => other,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl DocumentStore for PgStore {
+    async fn collection(&self, name: &str) -> StoreResult<Option<CollectionRow>> {
+        let row = sqlx::query(
+            "SELECT name, rules, indexes, schema, created_at, updated_at FROM collections WHERE name = $1",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        row.as_ref()
+            .map(collection_from_row)
+            .transpose()
+            .map_err(map_err)
+    }
+
+    async fn list_collections(&self) -> StoreResult<Vec<CollectionRow>> {
+        let rows = sqlx::query(
+            "SELECT name, rules, indexes, schema, created_at, updated_at FROM collections ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter()
+            .map(collection_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(map_err)
+    }
+
+    async fn put_collection(&self, row: &CollectionRow, indexes: &[IndexSpec]) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        sqlx::query(
+            "INSERT INTO collections (name, rules, indexes, schema, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (name) DO UPDATE SET rules = excluded.rules, indexes = excluded.indexes,
+                schema = excluded.schema, updated_at = excluded.updated_at",
+        )
+        .bind(&row.name)
+        .bind(&row.rules)
+        .bind(&row.indexes)
+        .bind(&row.schema)
+        .bind(row.created_at)
+        .bind(row.updated_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        create_indexes(&mut tx, &row.name, indexes).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn delete_collection(&self, name: &str) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let done = sqlx::query("DELETE FROM collections WHERE name = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        sqlx::query("DELETE FROM documents WHERE collection = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        create_indexes(&mut tx, name, &[]).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn get_document(&self, collection: &str, id: &str) -> StoreResult<Option<DocumentRow>> {
+        let row = sqlx::query(&format!(
+            "SELECT {DOC_COLUMNS} FROM documents WHERE collection = $1 AND id = $2"
+        ))
+        .bind(collection)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        row.as_ref()
+            .map(document_from_row)
+            .transpose()
+            .map_err(map_err)
+    }
+
+    fn feed(&self) -> &crate::store::ChangeFeed {
+        &self.feed
+    }
+
+    async fn apply_writes(&self, writes: Vec<PlannedWrite>) -> StoreResult<Vec<WriteOutcome>> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let now: DateTime<Utc> = Utc::now();
+        let mut outcomes = Vec::with_capacity(writes.len());
+        for w in writes {
+            // Serialise writers of one document, including creators of a missing one: the
+            // advisory lock covers the id before the row exists.
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2, 0))")
+                .bind(&w.collection)
+                .bind(&w.id)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+            let current = sqlx::query(&format!(
+                "SELECT {DOC_COLUMNS} FROM documents WHERE collection = $1 AND id = $2 FOR UPDATE"
+            ))
+            .bind(&w.collection)
+            .bind(&w.id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?
+            .as_ref()
+            .map(document_from_row)
+            .transpose()
+            .map_err(map_err)?;
+            let decision = (w.decide)(current.as_ref(), now).map_err(StoreError::Rejected)?;
+            let (document, op, version) = match (decision, &current) {
+                (WriteDecision::Put(data), Some(cur)) => {
+                    let doc = DocumentRow {
+                        collection: w.collection.clone(),
+                        id: w.id.clone(),
+                        data,
+                        version: cur.version + 1,
+                        created_at: cur.created_at,
+                        updated_at: now,
+                    };
+                    sqlx::query(
+                        "UPDATE documents SET data = $3, version = $4, updated_at = $5
+                         WHERE collection = $1 AND id = $2",
+                    )
+                    .bind(&doc.collection)
+                    .bind(&doc.id)
+                    .bind(&doc.data)
+                    .bind(doc.version)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                    (Some(doc), "update", cur.version + 1)
+                }
+                (WriteDecision::Put(data), None) => {
+                    let doc = DocumentRow {
+                        collection: w.collection.clone(),
+                        id: w.id.clone(),
+                        data,
+                        version: 1,
+                        created_at: now,
+                        updated_at: now,
+                    };
+                    sqlx::query(&format!(
+                        "INSERT INTO documents ({DOC_COLUMNS}) VALUES ($1, $2, $3, 1, $4, $4)"
+                    ))
+                    .bind(&doc.collection)
+                    .bind(&doc.id)
+                    .bind(&doc.data)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                    (Some(doc), "create", 1)
+                }
+                (WriteDecision::Delete, Some(cur)) => {
+                    sqlx::query("DELETE FROM documents WHERE collection = $1 AND id = $2")
+                        .bind(&cur.collection)
+                        .bind(&cur.id)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(map_err)?;
+                    (None, "delete", cur.version + 1)
+                }
+                (WriteDecision::Delete, None) => return Err(StoreError::NotFound),
+            };
+            let change = ChangeRow {
+                seq: 0,
+                collection: w.collection,
+                id: w.id,
+                op: op.into(),
+                version,
+                document: document.as_ref().map(document_json),
+                old_document: current.as_ref().map(document_json),
+                time: now,
+            };
+            let seq: i64 = sqlx::query_scalar(
+                "INSERT INTO changes (collection, id, op, version, document, old_document, time)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING seq",
+            )
+            .bind(&change.collection)
+            .bind(&change.id)
+            .bind(&change.op)
+            .bind(change.version)
+            .bind(&change.document)
+            .bind(&change.old_document)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_err)?;
+            outcomes.push(WriteOutcome {
+                document,
+                change: ChangeRow { seq, ..change },
+            });
+        }
+        tx.commit().await.map_err(map_err)?;
+        self.feed.publish(&outcomes);
+        Ok(outcomes)
+    }
+
+    async fn scan_documents(&self, scan: &Scan<'_>) -> StoreResult<Vec<DocumentRow>> {
+        let mut b = SqlBuilder::new(Dialect::Postgres, scan.indexed);
+        let where_sql = scan_where(&mut b, scan, true);
+        let order = b.order_by(scan.order);
+        let sql = format!(
+            "SELECT {DOC_COLUMNS} FROM documents WHERE {where_sql} ORDER BY {order} LIMIT {}",
+            scan.limit
+        );
+        let rows = bind_all(sqlx::query(&sql), b.binds)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter()
+            .map(document_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(map_err)
+    }
+
+    async fn count_documents(&self, scan: &Scan<'_>) -> StoreResult<u64> {
+        let mut b = SqlBuilder::new(Dialect::Postgres, scan.indexed);
+        let where_sql = scan_where(&mut b, scan, false);
+        let sql = format!("SELECT COUNT(*) FROM documents WHERE {where_sql}");
+        let row = bind_all(sqlx::query(&sql), b.binds)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_err)?;
+        let n: i64 = row.try_get(0).map_err(map_err)?;
+        Ok(n as u64)
+    }
+
+    async fn aggregate_numbers(
+        &self,
+        scan: &Scan<'_>,
+        paths: &[Vec<String>],
+    ) -> StoreResult<NumericAggregates> {
+        let mut b = SqlBuilder::new(Dialect::Postgres, scan.indexed);
+        let mut columns = vec!["COUNT(*)".to_string()];
+        for path in paths {
+            let (sum, count) = b.numeric(path);
+            columns.push(sum);
+            columns.push(count);
+        }
+        let where_sql = scan_where(&mut b, scan, false);
+        let sql = format!(
+            "SELECT {} FROM documents WHERE {where_sql}",
+            columns.join(", ")
+        );
+        let row = bind_all(sqlx::query(&sql), b.binds)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_err)?;
+        let mut out = NumericAggregates {
+            count: row.try_get::<i64, _>(0).map_err(map_err)? as u64,
+            sums: Vec::with_capacity(paths.len()),
+        };
+        for i in 0..paths.len() {
+            let sum: Option<f64> = row.try_get(1 + 2 * i).map_err(map_err)?;
+            let count: i64 = row.try_get(2 + 2 * i).map_err(map_err)?;
+            out.sums.push((sum.unwrap_or(0.0), count as u64));
+        }
+        Ok(out)
+    }
+
+    async fn changes_since(&self, after: i64, limit: u32) -> StoreResult<Vec<ChangeRow>> {
+        let rows = sqlx::query(
+            "SELECT seq, collection, id, op, version, document, old_document, time
+             FROM changes WHERE seq > $1 ORDER BY seq LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter()
+            .map(|row| {
+                Ok(ChangeRow {
+                    seq: row.try_get(0)?,
+                    collection: row.try_get(1)?,
+                    id: row.try_get(2)?,
+                    op: row.try_get(3)?,
+                    version: row.try_get(4)?,
+                    document: row.try_get::<Option<Value>, _>(5)?,
+                    old_document: row.try_get::<Option<Value>, _>(6)?,
+                    time: row.try_get(7)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(map_err)
+    }
+
+    async fn prune_changes(&self, before: DateTime<Utc>) -> StoreResult<u64> {
+        let done = sqlx::query("DELETE FROM changes WHERE time < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(done.rows_affected())
+    }
+}

@@ -14,6 +14,7 @@ use super::{Store, StoreError, StoreResult};
 
 pub struct PgStore {
     pub(crate) pool: PgPool,
+    pub(crate) feed: super::ChangeFeed,
 }
 
 impl PgStore {
@@ -34,7 +35,10 @@ impl PgStore {
             .run(&pool)
             .await
             .map_err(|e| anyhow::anyhow!("PostgreSQL migrations failed: {e}"))?;
-        Ok(PgStore { pool })
+        Ok(PgStore {
+            pool,
+            feed: super::ChangeFeed::default(),
+        })
     }
 }
 

@@ -1,6 +1,452 @@
 //! Documents, collections and the change log on SQLite.
 
-use super::SqliteStore;
-use crate::store::DocumentStore;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{params, params_from_iter, OptionalExtension, Row, Transaction};
+use serde_json::Value;
 
-impl DocumentStore for SqliteStore {}
+use super::{map_err, parse_ts, ts, SqliteStore};
+use crate::store::docsql::{index_expression, Bind, Dialect, SqlBuilder};
+use crate::store::{document_json, index_prefix};
+use crate::store::{
+    ChangeRow, CollectionRow, DocumentRow, DocumentStore, IndexSpec, NumericAggregates,
+    PlannedWrite, Scan, StoreError, StoreResult, WriteDecision, WriteOutcome,
+};
+
+fn json_text(row: &Row<'_>, idx: usize) -> rusqlite::Result<Value> {
+    let text: String = row.get(idx)?;
+    serde_json::from_str(&text).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+fn json_text_opt(row: &Row<'_>, idx: usize) -> rusqlite::Result<Option<Value>> {
+    let text: Option<String> = row.get(idx)?;
+    text.map(|t| {
+        serde_json::from_str(&t).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
+        })
+    })
+    .transpose()
+}
+
+/// Reads `collection, id, data, version, created_at, updated_at`.
+fn document_from_row(row: &Row<'_>) -> rusqlite::Result<DocumentRow> {
+    Ok(DocumentRow {
+        collection: row.get(0)?,
+        id: row.get(1)?,
+        data: json_text(row, 2)?,
+        version: row.get(3)?,
+        created_at: parse_ts(&row.get::<_, String>(4)?)?,
+        updated_at: parse_ts(&row.get::<_, String>(5)?)?,
+    })
+}
+
+fn collection_from_row(row: &Row<'_>) -> rusqlite::Result<CollectionRow> {
+    Ok(CollectionRow {
+        name: row.get(0)?,
+        rules: json_text(row, 1)?,
+        indexes: json_text(row, 2)?,
+        schema: json_text_opt(row, 3)?,
+        created_at: parse_ts(&row.get::<_, String>(4)?)?,
+        updated_at: parse_ts(&row.get::<_, String>(5)?)?,
+    })
+}
+
+fn change_from_row(row: &Row<'_>) -> rusqlite::Result<ChangeRow> {
+    Ok(ChangeRow {
+        seq: row.get(0)?,
+        collection: row.get(1)?,
+        id: row.get(2)?,
+        op: row.get(3)?,
+        version: row.get(4)?,
+        document: json_text_opt(row, 5)?,
+        old_document: json_text_opt(row, 6)?,
+        time: parse_ts(&row.get::<_, String>(7)?)?,
+    })
+}
+
+fn to_sql(binds: Vec<Bind>) -> Vec<SqlValue> {
+    binds
+        .into_iter()
+        .map(|b| match b {
+            Bind::Text(s) => SqlValue::Text(s),
+            Bind::Int(i) => SqlValue::Integer(i),
+            Bind::Real(f) => SqlValue::Real(f),
+            Bind::Json(v) => SqlValue::Text(v.to_string()),
+            Bind::Time(t) => SqlValue::Text(ts(&t)),
+            Bind::Path(p) => SqlValue::Text(p.join(".")),
+        })
+        .collect()
+}
+
+/// `WHERE` for a scan: the collection, its filter, its start position.
+fn scan_where(b: &mut SqlBuilder<'_>, scan: &Scan<'_>, with_cursor: bool) -> String {
+    let c = b.bind(Bind::Text(scan.collection.to_string()));
+    let mut sql = format!("collection = {c}");
+    if let Some(filter) = scan.filter {
+        sql.push_str(" AND ");
+        sql.push_str(&b.filter(filter));
+    }
+    if with_cursor {
+        if let Some(after) = scan.after {
+            sql.push_str(" AND ");
+            sql.push_str(&b.after(scan.order, after));
+        }
+    }
+    sql
+}
+
+const DOC_COLUMNS: &str = "collection, id, data, version, created_at, updated_at";
+
+fn read_document(
+    tx: &Transaction<'_>,
+    collection: &str,
+    id: &str,
+) -> StoreResult<Option<DocumentRow>> {
+    tx.prepare_cached(&format!(
+        "SELECT {DOC_COLUMNS} FROM documents WHERE collection = ?1 AND id = ?2"
+    ))
+    .and_then(|mut s| {
+        s.query_row(params![collection, id], document_from_row)
+            .optional()
+    })
+    .map_err(map_err)
+}
+
+fn create_indexes(
+    tx: &Transaction<'_>,
+    collection: &str,
+    indexes: &[IndexSpec],
+) -> StoreResult<()> {
+    let prefix = index_prefix(collection);
+    let existing: Vec<String> = {
+        let mut stmt = tx
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND substr(name, 1, length(?1)) = ?1")
+            .map_err(map_err)?;
+        let rows = stmt
+            .query_map([&prefix], |r| r.get::<_, String>(0))
+            .map_err(map_err)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(map_err)?
+    };
+    for name in existing {
+        tx.execute_batch(&format!("DROP INDEX \"{name}\""))
+            .map_err(map_err)?;
+    }
+    for (n, index) in indexes.iter().enumerate() {
+        let exprs: Vec<String> = index
+            .fields
+            .iter()
+            .map(|(path, desc)| {
+                format!(
+                    "{}{}",
+                    index_expression(Dialect::Sqlite, path),
+                    if *desc { " DESC" } else { "" }
+                )
+            })
+            .collect();
+        // The composite index (collection first, no WHERE) is the one the planner uses with
+        // a bound collection; a unique index must be partial to stay within the collection.
+        tx.execute_batch(&format!(
+            "CREATE INDEX \"{prefix}{n}\" ON documents (collection, {})",
+            exprs.join(", ")
+        ))
+        .map_err(map_err)?;
+        if index.unique {
+            // The collection name matched [a-z0-9][a-z0-9_-]* before it got here.
+            tx.execute_batch(&format!(
+                "CREATE UNIQUE INDEX \"{prefix}{n}_unique\" ON documents ({}) WHERE collection = '{collection}'",
+                exprs.join(", ")
+            ))
+            .map_err(|e| match map_err(e) {
+                StoreError::AlreadyExists(_) => StoreError::Conflict(
+                    "existing documents violate the unique index".into(),
+                ),
+                other => other,
+            })?;
+        }
+    }
+    tx.execute_batch("ANALYZE documents").map_err(map_err)?;
+    Ok(())
+}
+
+#[async_trait]
+impl DocumentStore for SqliteStore {
+    async fn collection(&self, name: &str) -> StoreResult<Option<CollectionRow>> {
+        let name = name.to_string();
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT name, rules, indexes, schema, created_at, updated_at FROM collections WHERE name = ?1",
+            )
+            .and_then(|mut s| s.query_row([name], collection_from_row).optional())
+            .map_err(map_err)
+        })
+        .await
+    }
+
+    async fn list_collections(&self) -> StoreResult<Vec<CollectionRow>> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT name, rules, indexes, schema, created_at, updated_at FROM collections ORDER BY name",
+                )
+                .map_err(map_err)?;
+            let rows = stmt.query_map([], collection_from_row).map_err(map_err)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(map_err)
+        })
+        .await
+    }
+
+    async fn put_collection(&self, row: &CollectionRow, indexes: &[IndexSpec]) -> StoreResult<()> {
+        let row = row.clone();
+        let indexes = indexes.to_vec();
+        self.write(move |tx| {
+            tx.execute(
+                "INSERT INTO collections (name, rules, indexes, schema, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (name) DO UPDATE SET rules = excluded.rules, indexes = excluded.indexes,
+                    schema = excluded.schema, updated_at = excluded.updated_at",
+                params![
+                    row.name,
+                    row.rules.to_string(),
+                    row.indexes.to_string(),
+                    row.schema.as_ref().map(Value::to_string),
+                    ts(&row.created_at),
+                    ts(&row.updated_at)
+                ],
+            )
+            .map_err(map_err)?;
+            create_indexes(tx, &row.name, &indexes)
+        })
+        .await
+    }
+
+    async fn delete_collection(&self, name: &str) -> StoreResult<bool> {
+        let name = name.to_string();
+        self.write(move |tx| {
+            let n = tx
+                .execute("DELETE FROM collections WHERE name = ?1", [&name])
+                .map_err(map_err)?;
+            tx.execute("DELETE FROM documents WHERE collection = ?1", [&name])
+                .map_err(map_err)?;
+            create_indexes(tx, &name, &[])?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn get_document(&self, collection: &str, id: &str) -> StoreResult<Option<DocumentRow>> {
+        let (collection, id) = (collection.to_string(), id.to_string());
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {DOC_COLUMNS} FROM documents WHERE collection = ?1 AND id = ?2"
+            ))
+            .and_then(|mut s| {
+                s.query_row(params![collection, id], document_from_row)
+                    .optional()
+            })
+            .map_err(map_err)
+        })
+        .await
+    }
+
+    fn feed(&self) -> &crate::store::ChangeFeed {
+        &self.feed
+    }
+
+    async fn apply_writes(&self, writes: Vec<PlannedWrite>) -> StoreResult<Vec<WriteOutcome>> {
+        let feed = self.feed.clone();
+        self.write_then(move |tx| {
+            let now = Utc::now();
+            let mut outcomes = Vec::with_capacity(writes.len());
+            for w in writes {
+                let current = read_document(tx, &w.collection, &w.id)?;
+                let decision = (w.decide)(current.as_ref(), now).map_err(StoreError::Rejected)?;
+                let (document, op, version) = match (decision, &current) {
+                    (WriteDecision::Put(data), Some(cur)) => {
+                        let doc = DocumentRow {
+                            collection: w.collection.clone(),
+                            id: w.id.clone(),
+                            data,
+                            version: cur.version + 1,
+                            created_at: cur.created_at,
+                            updated_at: now,
+                        };
+                        tx.prepare_cached(
+                            "UPDATE documents SET data = ?3, version = ?4, updated_at = ?5
+                             WHERE collection = ?1 AND id = ?2",
+                        )
+                        .and_then(|mut s| {
+                            s.execute(params![doc.collection, doc.id, doc.data.to_string(), doc.version, ts(&now)])
+                        })
+                        .map_err(map_err)?;
+                        (Some(doc), "update", cur.version + 1)
+                    }
+                    (WriteDecision::Put(data), None) => {
+                        let doc = DocumentRow {
+                            collection: w.collection.clone(),
+                            id: w.id.clone(),
+                            data,
+                            version: 1,
+                            created_at: now,
+                            updated_at: now,
+                        };
+                        tx.prepare_cached(&format!(
+                            "INSERT INTO documents ({DOC_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?5)"
+                        ))
+                        .and_then(|mut s| {
+                            s.execute(params![doc.collection, doc.id, doc.data.to_string(), 1, ts(&now)])
+                        })
+                        .map_err(map_err)?;
+                        (Some(doc), "create", 1)
+                    }
+                    (WriteDecision::Delete, Some(cur)) => {
+                        tx.prepare_cached("DELETE FROM documents WHERE collection = ?1 AND id = ?2")
+                            .and_then(|mut s| s.execute(params![cur.collection, cur.id]))
+                            .map_err(map_err)?;
+                        (None, "delete", cur.version + 1)
+                    }
+                    (WriteDecision::Delete, None) => return Err(StoreError::NotFound),
+                };
+                let change = ChangeRow {
+                    seq: 0,
+                    collection: w.collection,
+                    id: w.id,
+                    op: op.into(),
+                    version,
+                    document: document.as_ref().map(document_json),
+                    old_document: current.as_ref().map(document_json),
+                    time: now,
+                };
+                let seq: i64 = tx
+                    .prepare_cached(
+                        "INSERT INTO changes (collection, id, op, version, document, old_document, time)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING seq",
+                    )
+                    .and_then(|mut s| {
+                        s.query_row(
+                            params![
+                                change.collection,
+                                change.id,
+                                change.op,
+                                change.version,
+                                change.document.as_ref().map(Value::to_string),
+                                change.old_document.as_ref().map(Value::to_string),
+                                ts(&now)
+                            ],
+                            |r| r.get(0),
+                        )
+                    })
+                    .map_err(map_err)?;
+                outcomes.push(WriteOutcome {
+                    document,
+                    change: ChangeRow { seq, ..change },
+                });
+            }
+            Ok(outcomes)
+        }, move |outcomes| feed.publish(outcomes))
+        .await
+    }
+
+    async fn scan_documents(&self, scan: &Scan<'_>) -> StoreResult<Vec<DocumentRow>> {
+        let mut b = SqlBuilder::new(Dialect::Sqlite, scan.indexed);
+        let where_sql = scan_where(&mut b, scan, true);
+        let order = b.order_by(scan.order);
+        let sql = format!(
+            "SELECT {DOC_COLUMNS} FROM documents WHERE {where_sql} ORDER BY {order} LIMIT {}",
+            scan.limit
+        );
+        let binds = to_sql(b.binds);
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(&sql).map_err(map_err)?;
+            let rows = stmt
+                .query_map(params_from_iter(binds.iter()), document_from_row)
+                .map_err(map_err)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(map_err)
+        })
+        .await
+    }
+
+    async fn count_documents(&self, scan: &Scan<'_>) -> StoreResult<u64> {
+        let mut b = SqlBuilder::new(Dialect::Sqlite, scan.indexed);
+        let where_sql = scan_where(&mut b, scan, false);
+        let sql = format!("SELECT COUNT(*) FROM documents WHERE {where_sql}");
+        let binds = to_sql(b.binds);
+        self.read(move |c| {
+            c.prepare_cached(&sql)
+                .and_then(|mut s| {
+                    s.query_row(params_from_iter(binds.iter()), |r| r.get::<_, i64>(0))
+                })
+                .map(|n| n as u64)
+                .map_err(map_err)
+        })
+        .await
+    }
+
+    async fn aggregate_numbers(
+        &self,
+        scan: &Scan<'_>,
+        paths: &[Vec<String>],
+    ) -> StoreResult<NumericAggregates> {
+        let mut b = SqlBuilder::new(Dialect::Sqlite, scan.indexed);
+        let mut columns = vec!["COUNT(*)".to_string()];
+        for path in paths {
+            let (sum, count) = b.numeric(path);
+            columns.push(sum);
+            columns.push(count);
+        }
+        let where_sql = scan_where(&mut b, scan, false);
+        let sql = format!(
+            "SELECT {} FROM documents WHERE {where_sql}",
+            columns.join(", ")
+        );
+        let binds = to_sql(b.binds);
+        let n = paths.len();
+        self.read(move |c| {
+            c.prepare_cached(&sql)
+                .and_then(|mut s| {
+                    s.query_row(params_from_iter(binds.iter()), |r| {
+                        let mut out = NumericAggregates {
+                            count: r.get::<_, i64>(0)? as u64,
+                            sums: Vec::with_capacity(n),
+                        };
+                        for i in 0..n {
+                            let sum: Option<f64> = r.get(1 + 2 * i)?;
+                            let count: i64 = r.get(2 + 2 * i)?;
+                            out.sums.push((sum.unwrap_or(0.0), count as u64));
+                        }
+                        Ok(out)
+                    })
+                })
+                .map_err(map_err)
+        })
+        .await
+    }
+
+    async fn changes_since(&self, after: i64, limit: u32) -> StoreResult<Vec<ChangeRow>> {
+        self.read(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT seq, collection, id, op, version, document, old_document, time
+                     FROM changes WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                )
+                .map_err(map_err)?;
+            let rows = stmt
+                .query_map(params![after, limit], change_from_row)
+                .map_err(map_err)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(map_err)
+        })
+        .await
+    }
+
+    async fn prune_changes(&self, before: DateTime<Utc>) -> StoreResult<u64> {
+        self.write(move |tx| {
+            let n = tx
+                .execute("DELETE FROM changes WHERE time < ?1", [ts(&before)])
+                .map_err(map_err)?;
+            Ok(n as u64)
+        })
+        .await
+    }
+}

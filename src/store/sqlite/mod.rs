@@ -19,14 +19,21 @@ use super::{Store, StoreError, StoreResult};
 
 /// The migration history, applied in order; `PRAGMA user_version` records how many ran.
 /// Files are embedded so the binary needs nothing beside it.
-const MIGRATIONS: &[(&str, &str)] = &[(
-    "0001_foundation",
-    include_str!("../../../migrations/sqlite/0001_foundation.sql"),
-)];
+const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_foundation",
+        include_str!("../../../migrations/sqlite/0001_foundation.sql"),
+    ),
+    (
+        "0002_documents",
+        include_str!("../../../migrations/sqlite/0002_documents.sql"),
+    ),
+];
 
 pub struct SqliteStore {
     writer: Arc<Mutex<Connection>>,
     readers: r2d2::Pool<SqliteConnectionManager>,
+    pub(crate) feed: Arc<super::ChangeFeed>,
 }
 
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
@@ -73,6 +80,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             writer: Arc::new(Mutex::new(writer)),
             readers,
+            feed: Arc::new(super::ChangeFeed::default()),
         })
     }
 
@@ -82,6 +90,17 @@ impl SqliteStore {
     where
         T: Send + 'static,
         F: FnOnce(&Transaction<'_>) -> StoreResult<T> + Send + 'static,
+    {
+        self.write_then(f, |_| {}).await
+    }
+
+    /// Like [`SqliteStore::write`], then runs `after_commit` while the writer lock is still
+    /// held, so whatever it does happens in commit order.
+    pub(crate) async fn write_then<T, F, A>(&self, f: F, after_commit: A) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> StoreResult<T> + Send + 'static,
+        A: FnOnce(&T) + Send + 'static,
     {
         let writer = self.writer.clone();
         tokio::task::spawn_blocking(move || {
@@ -93,6 +112,7 @@ impl SqliteStore {
                 .map_err(map_err)?;
             let value = f(&tx)?;
             tx.commit().map_err(map_err)?;
+            after_commit(&value);
             Ok(value)
         })
         .await
