@@ -69,8 +69,18 @@ install_tools() {
   if need_basalt; then
     if [ -z "${DOCBENCH_BASALT:-}" ]; then
       log "building basalt (release)"
-      (cd "$ROOT" && cargo build --release --quiet)
-      DOCBENCH_BASALT="${CARGO_TARGET_DIR:-$ROOT/target}/release/basalt"
+      # take the executable cargo reports for this tree and copy it: target/release/basalt
+      # can be replaced meanwhile by a build of another worktree sharing CARGO_TARGET_DIR
+      local exe
+      exe=$(cd "$ROOT" && cargo build --release --bin basalt --message-format=json-render-diagnostics |
+        python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "basalt":
+        print(m["executable"])' | tail -1)
+      [ -n "$exe" ] || { echo "cargo build reported no basalt executable" >&2; exit 1; }
+      cp "$exe" "$WORK/basalt"
+      DOCBENCH_BASALT="$WORK/basalt"
     fi
     [ -x "$DOCBENCH_BASALT" ] || { echo "no basalt binary at $DOCBENCH_BASALT" >&2; exit 1; }
   fi
