@@ -4,6 +4,7 @@
 #
 #   bench/documents.sh                 # everything (about 6 minutes after the installs)
 #   bench/documents.sh pocketbase parse basalt-sqlite basalt-postgres owner   # any subset
+#   (owner = owner-sqlite owner-postgres)
 #
 # Each server runs alone on loopback, is seeded with the same 1000 records {title, n, tag}
 # (index on n), then measured with `wrk -t2 -c16 -d10s --latency` for: GET by id (ids drawn
@@ -38,7 +39,7 @@ WRK_DIR="$HERE/wrk"
 TARGETS=("$@")
 [ ${#TARGETS[@]} -eq 0 ] && TARGETS=(pocketbase parse basalt-sqlite basalt-postgres owner)
 wants() { local t; for t in "${TARGETS[@]}"; do [ "$t" = "$1" ] && return 0; done; return 1; }
-need_basalt() { wants basalt-sqlite || wants basalt-postgres || wants owner; }
+need_basalt() { wants basalt-sqlite || wants basalt-postgres || wants owner || wants owner-sqlite || wants owner-postgres; }
 
 WORK=$(mktemp -d /tmp/docbench.XXXXXX)
 RESULTS="$WORK/results.tsv"     # server, op, rps, p50_us, p99_us, requests, non2xx, errors, cpu_us_per_req
@@ -84,7 +85,7 @@ for line in sys.stdin:
     fi
     [ -x "$DOCBENCH_BASALT" ] || { echo "no basalt binary at $DOCBENCH_BASALT" >&2; exit 1; }
   fi
-  if wants parse || wants basalt-postgres || wants owner; then
+  if wants parse || wants basalt-postgres || wants owner || wants owner-postgres; then
     psql -qAtc 'select 1' postgres >/dev/null || { echo "PostgreSQL not reachable at $PG_BASE" >&2; exit 1; }
   fi
 }
@@ -260,6 +261,7 @@ wants pocketbase && bench_pocketbase
 wants parse && bench_parse
 wants basalt-sqlite && bench_basalt sqlite
 wants basalt-postgres && bench_basalt postgres
-if wants owner; then bench_owner sqlite; bench_owner postgres; fi
+if wants owner || wants owner-sqlite; then bench_owner sqlite; fi
+if wants owner || wants owner-postgres; then bench_owner postgres; fi
 
 python3 "$HERE/peers/docs_report.py" "$RESULTS" "$WORK/rss.tsv" "$WORK/load.tsv"
