@@ -45,6 +45,7 @@ WORK=$(mktemp -d /tmp/docbench.XXXXXX)
 RESULTS="$WORK/results.tsv"     # server, op, rps, p50_us, p99_us, requests, non2xx, errors, cpu_us_per_req
 : >"$RESULTS"; : >"$WORK/rss.tsv"; : >"$WORK/load.tsv"
 SERVER_PID=""
+cd "$WORK"                      # servers write nothing into the source tree
 log() { printf '\n== %s\n' "$*" >&2; }
 
 cleanup() {
@@ -204,7 +205,7 @@ bench_parse() {
  "logLevel": "error", "logsFolder": null}
 EOF
   start_server parse "http://127.0.0.1:$PORT/parse/health" \
-    node "$HERE/peers/parse/node_modules/parse-server/bin/parse-server" "$dir/config.json"
+    env PARSE_SERVER_LOGS_FOLDER=null node "$HERE/peers/parse/node_modules/parse-server/bin/parse-server" "$dir/config.json"
   $SEED parse "http://127.0.0.1:$PORT" "$dir" "$DOCS"
   GET_PREFIX=/parse/classes/posts/ Q_METHOD=GET Q_BODY= C_WRAP=
   Q_PATH="/parse/classes/posts?$(python3 -c "import sys; sys.path.insert(0, '$HERE/peers'); import docs_seed; print(docs_seed.parse_query())")"
