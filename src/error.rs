@@ -157,6 +157,7 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound => ApiError::NotFound("not found".into()),
             StoreError::AlreadyExists(what) => ApiError::AlreadyExists(what),
             StoreError::Conflict(what) => ApiError::Conflict(what),
+            StoreError::InvalidInput(what) => ApiError::invalid(what),
             StoreError::VersionMismatch { expected, actual } => {
                 ApiError::FailedPrecondition(match actual {
                     Some(actual) => format!("version is {actual}, not {expected}"),

@@ -46,7 +46,7 @@ impl AuthRateLimits {
             }
         }
         if let (Some(limiter), Some(account)) = (&self.per_account, account) {
-            if let Err(not_until) = limiter.check_key(&account.to_lowercase()) {
+            if let Err(not_until) = limiter.check_key(&account.trim().to_lowercase()) {
                 let wait = not_until.wait_time_from(clock.now());
                 return Err(ApiError::RateLimited {
                     retry_after_secs: wait.as_secs() + 1,

@@ -200,7 +200,7 @@ pub struct AuthService {
 pub fn normalize_email(email: &str) -> ApiResult<String> {
     let email = email.trim().to_lowercase();
     let valid = email.len() <= 254
-        && !email.chars().any(char::is_whitespace)
+        && !email.chars().any(|c| c.is_whitespace() || c.is_control())
         && email.split_once('@').is_some_and(|(local, domain)| {
             !local.is_empty()
                 && domain.contains('.')
@@ -220,6 +220,12 @@ fn check_object(value: &Value, field: &str) -> ApiResult<()> {
     if !value.is_object() {
         return Err(ApiError::invalid_with(
             format!("{field} must be a JSON object"),
+            json!({ "field": field }),
+        ));
+    }
+    if value.to_string().contains("\\u0000") {
+        return Err(ApiError::invalid_with(
+            format!("{field} contains the character U+0000, which cannot be stored"),
             json!({ "field": field }),
         ));
     }
@@ -711,9 +717,9 @@ impl AuthService {
 
     pub async fn create_service_key(&self, name: &str) -> ApiResult<ServiceKey> {
         let name = name.trim();
-        if name.is_empty() || name.len() > 100 {
+        if name.is_empty() || name.len() > 100 || name.chars().any(char::is_control) {
             return Err(ApiError::invalid_with(
-                "name must be 1 to 100 characters",
+                "name must be 1 to 100 characters, none of them control characters",
                 json!({"field": "name"}),
             ));
         }

@@ -545,7 +545,7 @@ impl DocumentService {
         let mut after = query.after.clone();
         let mut examined = 0usize;
         let mut exhausted = false;
-        let mut cut_short_at: Option<DocumentRow> = None;
+        let mut last_examined: Option<DocumentRow> = None;
         let batch = if per_row {
             (query.limit as usize * 2).clamp(50, 1000)
         } else {
@@ -577,12 +577,11 @@ impl DocumentService {
                         &lookup,
                     );
                 if keep {
-                    kept.push(row);
-                    if kept.len() > query.limit as usize {
-                        break;
-                    }
-                } else {
-                    cut_short_at = Some(row);
+                    kept.push(row.clone());
+                }
+                last_examined = Some(row);
+                if kept.len() > query.limit as usize {
+                    break;
                 }
             }
             if got < batch {
@@ -598,10 +597,10 @@ impl DocumentService {
         let next_cursor = if more {
             kept.last().map(|d| query.cursor_after(&document_json(d)))
         } else if !exhausted {
-            // Stopped after examining many denied rows: continue from the last one examined.
-            cut_short_at
+            // Stopped at the row budget: continue after the last row examined, so no row is
+            // skipped and none is returned twice.
+            last_examined
                 .as_ref()
-                .or(kept.last())
                 .map(|d| query.cursor_after(&document_json(d)))
         } else {
             None
@@ -1084,27 +1083,6 @@ fn decide_write(
     kind: WriteKind,
     pre: Precondition,
 ) -> ApiResult<WriteDecision> {
-    if let Some(expected) = pre.if_version {
-        match current {
-            Some(c) if c.version == expected => {}
-            Some(c) => {
-                return Err(ApiError::FailedPrecondition(format!(
-                    "version is {}, not {expected}",
-                    c.version
-                )))
-            }
-            None => {
-                return Err(ApiError::FailedPrecondition(format!(
-                    "the document does not exist (expected version {expected})"
-                )))
-            }
-        }
-    }
-    if pre.must_not_exist && current.is_some() {
-        return Err(ApiError::FailedPrecondition(
-            "the document already exists".into(),
-        ));
-    }
     let svc_allowed = |rule: &Option<Rule>,
                        resource: Option<Value>,
                        method: &str,
@@ -1130,6 +1108,32 @@ fn decide_write(
             }
         }
     };
+    // Preconditions are checked after the rule: a caller the rule refuses gets 403 and
+    // learns nothing about the document's version.
+    let check_preconditions = || -> ApiResult<()> {
+        if let Some(expected) = pre.if_version {
+            match current {
+                Some(c) if c.version == expected => {}
+                Some(c) => {
+                    return Err(ApiError::FailedPrecondition(format!(
+                        "version is {}, not {expected}",
+                        c.version
+                    )))
+                }
+                None => {
+                    return Err(ApiError::FailedPrecondition(format!(
+                        "the document does not exist (expected version {expected})"
+                    )))
+                }
+            }
+        }
+        if pre.must_not_exist && current.is_some() {
+            return Err(ApiError::FailedPrecondition(
+                "the document already exists".into(),
+            ));
+        }
+        Ok(())
+    };
     let resource = current.map(document_json);
     let old_data = current.map(|c| &c.data);
     let new_data = match kind {
@@ -1142,6 +1146,7 @@ fn decide_write(
                     "the delete rule denies this".into(),
                 ));
             }
+            check_preconditions()?;
             return Ok(WriteDecision::Delete);
         }
         WriteKind::Create(data) => {
@@ -1191,6 +1196,7 @@ fn decide_write(
             "the {method} rule denies this"
         )));
     }
+    check_preconditions()?;
     Ok(WriteDecision::Put(new_data))
 }
 

@@ -62,6 +62,9 @@ fn check_node(
                 } else {
                     format!("{path}.{key}")
                 };
+                if key.contains('\0') {
+                    return Err(nul_error(&child_path));
+                }
                 if key.starts_with('$') {
                     return Err(ApiError::invalid_with(
                         format!("field names starting with `$` are reserved: `{child_path}`"),
@@ -75,8 +78,18 @@ fn check_node(
         Value::Array(items) => items
             .iter()
             .try_for_each(|i| check_node(i, path, depth + 1, max_depth, false)),
+        Value::String(text) if text.contains('\0') => Err(nul_error(path)),
         _ => Ok(()),
     }
+}
+
+/// U+0000 is refused in every stored string: PostgreSQL cannot hold it in `jsonb`, and both
+/// databases must accept the same documents.
+fn nul_error(path: &str) -> ApiError {
+    ApiError::invalid_with(
+        format!("`{path}` contains the character U+0000, which cannot be stored"),
+        json!({"field": path}),
+    )
 }
 
 /// The transform name when `map` is a transform object (one key, starting with `$`).

@@ -420,7 +420,12 @@ fn parse_clause(items: &[Value]) -> Result<Filter, ApiError> {
             field,
         )
     })?;
-    check_value_depth(value, 0).map_err(|_| bad("the value is nested too deeply".into(), field))?;
+    check_value_depth(value, 0).map_err(|_| {
+        bad(
+            "the value is nested too deeply or contains U+0000".into(),
+            field,
+        )
+    })?;
     let list = |v: &Value| -> Result<Vec<Value>, ApiError> {
         let list = v
             .as_array()
@@ -538,6 +543,8 @@ fn check_value_depth(v: &Value, depth: usize) -> Result<(), ()> {
         return Err(());
     }
     match v {
+        // Never stored, so never matched; PostgreSQL cannot even compare it.
+        Value::String(s) if s.contains('\0') => Err(()),
         Value::Array(a) => a.iter().try_for_each(|x| check_value_depth(x, depth + 1)),
         Value::Object(o) => o.values().try_for_each(|x| check_value_depth(x, depth + 1)),
         _ => Ok(()),

@@ -53,25 +53,57 @@ fn cached(
     }
 }
 
-/// The interpreter's builtins plus `get` and `exists` served from `cache`.
-pub(crate) fn base_context(cache: Arc<Mutex<LookupCache>>) -> Context<'static> {
+thread_local! {
+    /// The lookup cache of the evaluation running on this thread, read by `get`/`exists`.
+    static CURRENT_CACHE: std::cell::RefCell<Option<Arc<Mutex<LookupCache>>>> =
+        const { std::cell::RefCell::new(None) };
+    /// The interpreter's builtins plus `get` and `exists`, built once per thread: building the
+    /// function registry cost more than evaluating a typical rule.
+    static ROOT: Context<'static> = root_context();
+}
+
+fn current_cache(function: &str, key: DocKey) -> Result<Option<Value>, ExecutionError> {
+    CURRENT_CACHE.with(|c| match c.borrow().as_ref() {
+        Some(cache) => cached(cache, function, key),
+        None => Err(ExecutionError::function_error(
+            function,
+            "not available here",
+        )),
+    })
+}
+
+fn root_context() -> Context<'static> {
     let mut ctx = Context::default();
-    let get_cache = cache.clone();
     ctx.add_function(
         "get",
-        move |collection: Arc<String>, id: Arc<String>| -> Result<Value, ExecutionError> {
-            let doc = cached(&get_cache, "get", (collection.to_string(), id.to_string()))?;
+        |collection: Arc<String>, id: Arc<String>| -> Result<Value, ExecutionError> {
+            let doc = current_cache("get", (collection.to_string(), id.to_string()))?;
             Ok(doc.unwrap_or(Value::Null))
         },
     );
     ctx.add_function(
         "exists",
-        move |collection: Arc<String>, id: Arc<String>| -> Result<Value, ExecutionError> {
-            let doc = cached(&cache, "exists", (collection.to_string(), id.to_string()))?;
+        |collection: Arc<String>, id: Arc<String>| -> Result<Value, ExecutionError> {
+            let doc = current_cache("exists", (collection.to_string(), id.to_string()))?;
             Ok(Value::Bool(doc.is_some()))
         },
     );
     ctx
+}
+
+/// Runs `f` with a context holding the builtins, `get`/`exists` served from `cache`, and the
+/// variables `f` adds.
+pub(crate) fn with_context<R>(
+    cache: Arc<Mutex<LookupCache>>,
+    f: impl FnOnce(&mut Context<'_>) -> R,
+) -> R {
+    CURRENT_CACHE.with(|c| *c.borrow_mut() = Some(cache));
+    let result = ROOT.with(|root| {
+        let mut ctx = root.new_inner_scope();
+        f(&mut ctx)
+    });
+    CURRENT_CACHE.with(|c| *c.borrow_mut() = None);
+    result
 }
 
 /// Evaluates with `get`/`exists` resolved through `lookup`, at most `MAX_LOOKUPS` documents.

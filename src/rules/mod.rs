@@ -177,18 +177,20 @@ impl Rule {
         lookup: &dyn DocumentLookup,
     ) -> Result<bool, RuleEvalError> {
         let cache = Arc::new(Mutex::new(eval::LookupCache::default()));
-        let mut ctx = eval::base_context(cache.clone());
-        ctx.add_variable_from_value("auth", value::auth_to_cel(input.auth.as_ref()));
-        ctx.add_variable_from_value(
-            "resource",
-            input
-                .resource
-                .as_ref()
-                .map(value::document_to_cel)
-                .unwrap_or(Value::Null),
-        );
-        ctx.add_variable_from_value("request", value::request_to_cel(&input.request));
-        match eval::evaluate_with_lookups(&self.inner.expr, &ctx, &cache, lookup)? {
+        let outcome = eval::with_context(cache.clone(), |ctx| {
+            ctx.add_variable_from_value("auth", value::auth_to_cel(input.auth.as_ref()));
+            ctx.add_variable_from_value(
+                "resource",
+                input
+                    .resource
+                    .as_ref()
+                    .map(value::document_to_cel)
+                    .unwrap_or(Value::Null),
+            );
+            ctx.add_variable_from_value("request", value::request_to_cel(&input.request));
+            eval::evaluate_with_lookups(&self.inner.expr, ctx, &cache, lookup)
+        });
+        match outcome? {
             Ok(Value::Bool(allowed)) => Ok(allowed),
             Ok(other) => {
                 tracing::debug!(rule = %self.inner.source, result = ?other, "rule result is not a bool: deny");

@@ -15,7 +15,7 @@ use serde_json::{json, Value as Json};
 use std::sync::{Arc, Mutex};
 
 use super::check::{refs, FUNCTIONS};
-use super::eval::{base_context, eval, resolve, LookupCache};
+use super::eval::{eval, resolve, with_context, LookupCache};
 use super::value::{auth_to_cel, request_time_only, scalar_to_json, timestamp_to_json};
 use super::AuthInfo;
 
@@ -36,10 +36,11 @@ pub enum Pushdown {
 }
 
 pub(crate) fn pushdown(expr: &IdedExpr, auth: Option<&AuthInfo>, now: DateTime<Utc>) -> Pushdown {
-    let mut ctx = base_context(Arc::new(Mutex::new(LookupCache::default())));
-    ctx.add_variable_from_value("auth", auth_to_cel(auth));
-    ctx.add_variable_from_value("request", request_time_only(now));
-    let sets = analyze(expr, &ctx);
+    let sets = with_context(Arc::new(Mutex::new(LookupCache::default())), |ctx| {
+        ctx.add_variable_from_value("auth", auth_to_cel(auth));
+        ctx.add_variable_from_value("request", request_time_only(now));
+        analyze(expr, ctx)
+    });
     match (sets.t.cond, sets.t.exact) {
         (Cond::True, true) => Pushdown::Allow,
         (Cond::False, _) => Pushdown::Deny,

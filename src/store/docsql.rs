@@ -574,6 +574,23 @@ impl<'a> SqlBuilder<'a> {
     }
 }
 
+/// `WHERE` for a scan: the collection, its filter and (when `with_cursor`) its start position.
+pub fn scan_where(b: &mut SqlBuilder<'_>, scan: &super::Scan<'_>, with_cursor: bool) -> String {
+    let c = b.bind(Bind::Text(scan.collection.to_string()));
+    let mut sql = format!("collection = {c}");
+    if let Some(filter) = scan.filter {
+        sql.push_str(" AND ");
+        sql.push_str(&b.filter(filter));
+    }
+    if with_cursor {
+        if let Some(after) = scan.after {
+            sql.push_str(" AND ");
+            sql.push_str(&b.after(scan.order, after));
+        }
+    }
+    sql
+}
+
 fn cmp_sql(op: Op) -> &'static str {
     match op {
         Op::Eq => "=",

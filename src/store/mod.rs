@@ -29,6 +29,9 @@ pub enum StoreError {
     /// An optimistic-concurrency precondition failed (`If-Match`, `if_version`).
     #[error("version mismatch")]
     VersionMismatch { expected: i64, actual: Option<i64> },
+    /// The database refused a value it cannot store (e.g. PostgreSQL and U+0000 in text).
+    #[error("{0}")]
+    InvalidInput(String),
     /// The database cannot be reached (connection refused, pool exhausted, disk gone).
     #[error("database unavailable")]
     Unavailable(#[source] anyhow::Error),
@@ -350,6 +353,16 @@ pub struct Scan<'a> {
 pub struct NumericAggregates {
     pub count: u64,
     pub sums: Vec<(f64, u64)>,
+}
+
+/// A `LIKE` pattern matching `needle` anywhere, with `\` escaping the wildcards in it (used
+/// with `ESCAPE '\'`).
+pub fn contains_pattern(needle: &str) -> String {
+    let escaped = needle
+        .replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_");
+    format!("%{escaped}%")
 }
 
 /// The API form of a document (`{id, data, version, created_at, updated_at}`), as the change

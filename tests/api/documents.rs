@@ -28,6 +28,7 @@ store_tests!(
     injection_attempts_in_paths_and_values_find_nothing,
     every_write_appends_to_the_change_log_and_the_feed,
     deleting_a_collection_drops_its_documents,
+    change_log_entries_past_their_retention_are_pruned,
 );
 
 pub async fn admin_collection(app: &TestApp, admin: &str, name: &str, spec: Value) {
@@ -414,6 +415,8 @@ async fn bad_documents_are_refused_and_nothing_is_stored(backend: Backend) {
         (json!({"id": 5, "data": {}}), 400),
         (json!({"data": {}, "extra": 1}), 400),
         (json!({}), 400),
+        (json!({"data": {"name": "nul\u{0}byte"}}), 400),
+        (json!({"data": {"key\u{0}": 1}}), 400),
     ] {
         let r = create(&app, &admin, "items", body.clone()).await;
         assert_eq!(r.status.as_u16(), status, "{body}: {}", r.text);
@@ -1085,6 +1088,14 @@ async fn injection_attempts_in_paths_and_values_find_nothing(backend: Backend) {
         "{}",
         r.text
     );
+    let r = query(
+        &app,
+        Some(&admin),
+        "safe",
+        json!({"where": ["name", "==", "a\u{0}"]}),
+    )
+    .await;
+    r.assert_error(400, "invalid_argument");
     // The table is intact.
     assert_eq!(
         ids(&query(&app, Some(&admin), "safe", json!({})).await),
@@ -1195,4 +1206,32 @@ async fn deleting_a_collection_drops_its_documents(backend: Backend) {
         vec![("b", json!({"n": 1})), ("c", json!({"n": 1}))],
     )
     .await;
+}
+
+async fn change_log_entries_past_their_retention_are_pruned(backend: Backend) {
+    let app = spawn_app_with(backend, |c| c.documents.change_retention_hours = 0).await;
+    let admin = app.admin_token().await;
+    admin_collection(&app, &admin, "short", json!({"rules": open_rules()})).await;
+    create(&app, &admin, "short", json!({"id": "a", "data": {}}))
+        .await
+        .assert_ok();
+    assert!(!app
+        .state
+        .store
+        .changes_since(0, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let pruned = app.state.documents.prune_changes().await.unwrap();
+    assert!(pruned >= 1);
+    assert!(app
+        .state
+        .store
+        .changes_since(0, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    // The documents themselves are untouched.
+    app.get("/v1/db/short/a", Some(&admin)).await.assert_ok();
 }

@@ -20,6 +20,8 @@ store_tests!(
     forged_reserved_fields_cannot_fake_ownership,
     per_row_rules_fill_the_page_and_page_on,
     aggregates_obey_the_read_rule,
+    a_refused_writer_learns_nothing_from_preconditions,
+    paging_past_the_row_budget_skips_and_repeats_nothing,
 );
 
 fn ids(reply: &Reply) -> Vec<String> {
@@ -531,4 +533,84 @@ async fn aggregates_obey_the_read_rule(backend: Backend) {
         .await;
     assert_eq!(anon.assert_ok()["n"], 0);
     let _ = app.send(Method::GET, "/health", None, None).await;
+}
+
+async fn a_refused_writer_learns_nothing_from_preconditions(backend: Backend) {
+    let (app, admin) = todos_app(backend).await;
+    let (_, at, _) = app.user("alice@example.com").await;
+    app.post(
+        "/v1/db/todos",
+        Some(&admin),
+        json!({"id": "bobs", "data": {"owner": "bob"}}),
+    )
+    .await
+    .assert_ok();
+    for (method, headers) in [
+        (Method::PUT, ("if-match", "\"7\"")),
+        (Method::PUT, ("if-none-match", "*")),
+        (Method::DELETE, ("if-match", "\"7\"")),
+    ] {
+        let mut req = app
+            .client
+            .request(method, app.url("/v1/db/todos/bobs"))
+            .bearer_auth(&at)
+            .header(headers.0, headers.1);
+        if req.try_clone().is_some() {
+            req = req.json(&json!({"data": {"owner": "bob"}}));
+        }
+        let r = TestApp::reply(req.send().await.unwrap()).await;
+        let msg = r.assert_error(403, "permission_denied");
+        assert!(!msg.contains("version"), "{msg}");
+    }
+}
+
+async fn paging_past_the_row_budget_skips_and_repeats_nothing(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let admin = app.admin_token().await;
+    admin_collection(
+        &app,
+        &admin,
+        "big",
+        json!({"rules": {"read": "size(resource.data.tags) == 2"}}),
+    )
+    .await;
+    for chunk in 0..12 {
+        let writes: Vec<Value> = (0..500)
+            .map(|k| {
+                let i = chunk * 500 + k;
+                let tags = if i % 1000 == 999 { json!(["a", "b"]) } else { json!(["a"]) };
+                json!({"op": "create", "collection": "big", "id": format!("r{i:05}"), "data": {"tags": tags}})
+            })
+            .collect();
+        app.post("/v1/db/_batch", Some(&admin), json!({"writes": writes}))
+            .await
+            .assert_ok();
+    }
+    let (_, t, _) = app.user("pager@example.com").await;
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let mut body = json!({"limit": 10});
+        if let Some(c) = &cursor {
+            body["start_after"] = json!(c);
+        }
+        let page = app.post("/v1/db/big/_query", Some(&t), body).await;
+        seen.extend(ids(&page));
+        pages += 1;
+        match page.body["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert!(
+        pages >= 2,
+        "the row budget should have ended the first page early"
+    );
+    let expected: Vec<String> = (0..6000)
+        .filter(|i| i % 1000 == 999)
+        .map(|i| format!("r{i:05}"))
+        .collect();
+    seen.sort();
+    assert_eq!(seen, expected);
 }

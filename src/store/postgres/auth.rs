@@ -8,8 +8,8 @@ use sqlx::Row;
 
 use super::{map_err, PgStore};
 use crate::store::{
-    AdminRow, AuditRow, AuthStore, NewAudit, RefreshTokenRow, Rotation, ServiceKeyRow, SessionRow,
-    SigningKeyRow, StoreError, StoreResult, UserCursor, UserRow,
+    contains_pattern, AdminRow, AuditRow, AuthStore, NewAudit, RefreshTokenRow, Rotation,
+    ServiceKeyRow, SessionRow, SigningKeyRow, StoreError, StoreResult, UserCursor, UserRow,
 };
 
 const USER_COLUMNS: &str = "id, email, password_hash, email_verified, is_anonymous, data, claims, \
@@ -73,15 +73,6 @@ fn refresh_from_row(row: &PgRow) -> Result<RefreshTokenRow, sqlx::Error> {
         expires_at: row.try_get(3)?,
         rotated_at: row.try_get(4)?,
     })
-}
-
-/// `LIKE` pattern matching `needle` anywhere, with `\` escaping the wildcards in it.
-fn contains_pattern(needle: &str) -> String {
-    let escaped = needle
-        .replace('\\', "\\\\")
-        .replace('%', "\\%")
-        .replace('_', "\\_");
-    format!("%{escaped}%")
 }
 
 #[async_trait]

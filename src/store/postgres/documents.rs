@@ -8,7 +8,7 @@ use sqlx::query::Query;
 use sqlx::{Postgres, Row};
 
 use super::{map_err, PgStore};
-use crate::store::docsql::{index_expression, Bind, Dialect, SqlBuilder};
+use crate::store::docsql::{index_expression, scan_where, Bind, Dialect, SqlBuilder};
 use crate::store::{
     document_json, index_prefix, ChangeRow, CollectionRow, DocumentRow, DocumentStore, IndexSpec,
     NumericAggregates, PlannedWrite, Scan, StoreError, StoreResult, WriteDecision, WriteOutcome,
@@ -53,22 +53,6 @@ fn bind_all<'q>(
         };
     }
     q
-}
-
-fn scan_where(b: &mut SqlBuilder<'_>, scan: &Scan<'_>, with_cursor: bool) -> String {
-    let c = b.bind(Bind::Text(scan.collection.to_string()));
-    let mut sql = format!("collection = {c}");
-    if let Some(filter) = scan.filter {
-        sql.push_str(" AND ");
-        sql.push_str(&b.filter(filter));
-    }
-    if with_cursor {
-        if let Some(after) = scan.after {
-            sql.push_str(" AND ");
-            sql.push_str(&b.after(scan.order, after));
-        }
-    }
-    sql
 }
 
 async fn create_indexes(

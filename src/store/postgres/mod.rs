@@ -60,6 +60,14 @@ pub(crate) fn map_err(err: sqlx::Error) -> StoreError {
                     .unwrap_or_else(|| "record".into());
                 return StoreError::AlreadyExists(what);
             }
+            // Class 22 is "data exception": a value the column cannot hold (U+0000 in text,
+            // an out-of-range number). The request was at fault, not the server.
+            if db.code().is_some_and(|c| c.starts_with("22")) {
+                return StoreError::InvalidInput(format!(
+                    "a value cannot be stored: {}",
+                    db.message()
+                ));
+            }
             if db.is_foreign_key_violation() || db.is_check_violation() {
                 return StoreError::Conflict(db.message().to_string());
             }

@@ -6,8 +6,8 @@ use rusqlite::{params, OptionalExtension, Row};
 
 use super::{map_err, parse_ts, parse_ts_opt, ts, SqliteStore};
 use crate::store::{
-    AdminRow, AuditRow, AuthStore, NewAudit, RefreshTokenRow, Rotation, ServiceKeyRow, SessionRow,
-    SigningKeyRow, StoreResult, UserCursor, UserRow,
+    contains_pattern, AdminRow, AuditRow, AuthStore, NewAudit, RefreshTokenRow, Rotation,
+    ServiceKeyRow, SessionRow, SigningKeyRow, StoreResult, UserCursor, UserRow,
 };
 
 const USER_COLUMNS: &str = "id, email, password_hash, email_verified, is_anonymous, data, claims, \
@@ -68,15 +68,6 @@ fn service_key_from_row(row: &Row<'_>) -> rusqlite::Result<ServiceKeyRow> {
         created_at: parse_ts(&row.get::<_, String>(4)?)?,
         last_used_at: parse_ts_opt(row.get(5)?)?,
     })
-}
-
-/// `LIKE` pattern matching `needle` anywhere, with `\` escaping the wildcards in it.
-fn contains_pattern(needle: &str) -> String {
-    let escaped = needle
-        .replace('\\', "\\\\")
-        .replace('%', "\\%")
-        .replace('_', "\\_");
-    format!("%{escaped}%")
 }
 
 #[async_trait]
@@ -177,7 +168,7 @@ impl AuthStore for SqliteStore {
 
     async fn user_by_id(&self, id: &str) -> StoreResult<Option<UserRow>> {
         let id = id.to_string();
-        self.read(move |c| {
+        self.read_point(move |c| {
             c.prepare_cached(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = ?1"))
                 .and_then(|mut s| s.query_row([id], user_from_row).optional())
                 .map_err(map_err)
@@ -187,7 +178,7 @@ impl AuthStore for SqliteStore {
 
     async fn user_by_email(&self, email: &str) -> StoreResult<Option<UserRow>> {
         let email = email.to_string();
-        self.read(move |c| {
+        self.read_point(move |c| {
             c.prepare_cached(&format!(
                 "SELECT {USER_COLUMNS} FROM users WHERE email = ?1"
             ))
@@ -310,7 +301,7 @@ impl AuthStore for SqliteStore {
 
     async fn session(&self, id: &str) -> StoreResult<Option<SessionRow>> {
         let id = id.to_string();
-        self.read(move |c| {
+        self.read_point(move |c| {
             c.prepare_cached(
                 "SELECT id, user_id, created_at, refreshed_at, user_agent, ip, revoked_at
                  FROM sessions WHERE id = ?1",
@@ -375,7 +366,7 @@ impl AuthStore for SqliteStore {
 
     async fn refresh_token(&self, token_hash: &str) -> StoreResult<Option<RefreshTokenRow>> {
         let hash = token_hash.to_string();
-        self.read(move |c| {
+        self.read_point(move |c| {
             c.prepare_cached(
                 "SELECT token_hash, session_id, created_at, expires_at, rotated_at
                  FROM refresh_tokens WHERE token_hash = ?1",
@@ -444,7 +435,7 @@ impl AuthStore for SqliteStore {
 
     async fn admin_by_email(&self, email: &str) -> StoreResult<Option<AdminRow>> {
         let email = email.to_string();
-        self.read(move |c| {
+        self.read_point(move |c| {
             c.prepare_cached(
                 "SELECT id, email, password_hash, created_at FROM admins WHERE email = ?1",
             )
@@ -456,7 +447,7 @@ impl AuthStore for SqliteStore {
 
     async fn admin_by_id(&self, id: &str) -> StoreResult<Option<AdminRow>> {
         let id = id.to_string();
-        self.read(move |c| {
+        self.read_point(move |c| {
             c.prepare_cached(
                 "SELECT id, email, password_hash, created_at FROM admins WHERE id = ?1",
             )
@@ -490,7 +481,7 @@ impl AuthStore for SqliteStore {
 
     async fn service_key_by_hash(&self, key_hash: &str) -> StoreResult<Option<ServiceKeyRow>> {
         let hash = key_hash.to_string();
-        self.read(move |c| {
+        self.read_point(move |c| {
             c.prepare_cached(
                 "SELECT id, name, key_hash, prefix, created_at, last_used_at FROM service_keys WHERE key_hash = ?1",
             )
@@ -574,7 +565,7 @@ impl AuthStore for SqliteStore {
 
     async fn meta_get(&self, key: &str) -> StoreResult<Option<String>> {
         let key = key.to_string();
-        self.read(move |c| {
+        self.read_point(move |c| {
             c.prepare_cached("SELECT value FROM meta WHERE key = ?1")
                 .and_then(|mut s| s.query_row([key], |r| r.get(0)).optional())
                 .map_err(map_err)

@@ -7,7 +7,7 @@ use rusqlite::{params, params_from_iter, OptionalExtension, Row, Transaction};
 use serde_json::Value;
 
 use super::{map_err, parse_ts, ts, SqliteStore};
-use crate::store::docsql::{index_expression, Bind, Dialect, SqlBuilder};
+use crate::store::docsql::{index_expression, scan_where, Bind, Dialect, SqlBuilder};
 use crate::store::{document_json, index_prefix};
 use crate::store::{
     ChangeRow, CollectionRow, DocumentRow, DocumentStore, IndexSpec, NumericAggregates,
@@ -79,23 +79,6 @@ fn to_sql(binds: Vec<Bind>) -> Vec<SqlValue> {
             Bind::Path(p) => SqlValue::Text(p.join(".")),
         })
         .collect()
-}
-
-/// `WHERE` for a scan: the collection, its filter, its start position.
-fn scan_where(b: &mut SqlBuilder<'_>, scan: &Scan<'_>, with_cursor: bool) -> String {
-    let c = b.bind(Bind::Text(scan.collection.to_string()));
-    let mut sql = format!("collection = {c}");
-    if let Some(filter) = scan.filter {
-        sql.push_str(" AND ");
-        sql.push_str(&b.filter(filter));
-    }
-    if with_cursor {
-        if let Some(after) = scan.after {
-            sql.push_str(" AND ");
-            sql.push_str(&b.after(scan.order, after));
-        }
-    }
-    sql
 }
 
 const DOC_COLUMNS: &str = "collection, id, data, version, created_at, updated_at";
@@ -175,7 +158,7 @@ fn create_indexes(
 impl DocumentStore for SqliteStore {
     async fn collection(&self, name: &str) -> StoreResult<Option<CollectionRow>> {
         let name = name.to_string();
-        self.read(move |c| {
+        self.read_point(move |c| {
             c.prepare_cached(
                 "SELECT name, rules, indexes, schema, created_at, updated_at FROM collections WHERE name = ?1",
             )
@@ -238,7 +221,7 @@ impl DocumentStore for SqliteStore {
 
     async fn get_document(&self, collection: &str, id: &str) -> StoreResult<Option<DocumentRow>> {
         let (collection, id) = (collection.to_string(), id.to_string());
-        self.read(move |c| {
+        self.read_point(move |c| {
             c.prepare_cached(&format!(
                 "SELECT {DOC_COLUMNS} FROM documents WHERE collection = ?1 AND id = ?2"
             ))

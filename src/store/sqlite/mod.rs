@@ -1,13 +1,19 @@
-//! SQLite through rusqlite: one writer connection behind a mutex (every write is a
-//! `BEGIN IMMEDIATE` transaction, so writers queue in the process instead of spinning on
-//! SQLite's lock), a small r2d2 pool of read connections, cached prepared statements, WAL and
-//! `synchronous=NORMAL`. notes/SQLITE.md has the measurements behind each choice.
+//! SQLite through rusqlite: one writer connection owned by a writer thread, a small r2d2 pool
+//! of read connections, cached prepared statements, WAL and `synchronous=NORMAL`.
+//! notes/SQLITE.md has the measurements behind each choice.
+//!
+//! Writes queue to the writer thread, which commits them in groups: it takes every write
+//! waiting (up to [`MAX_GROUP`]), runs each inside its own `SAVEPOINT` of one
+//! `BEGIN IMMEDIATE` transaction (a write that fails rolls back alone), commits once, then
+//! answers each. Under load one commit carries many writes; alone, a write commits at once.
+//! Point reads run on the calling thread when a pooled connection is free at once (no thread
+//! hand-off, the fastest path measured), else on the blocking pool.
 
 mod auth;
 mod documents;
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -30,8 +36,16 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ),
 ];
 
+/// The most writes one group commit carries.
+const MAX_GROUP: usize = 128;
+
+/// A write waiting for the writer thread: run inside a savepoint of the group's transaction,
+/// it returns what to do once the group's fate is known (`true`: committed).
+type WriteJob =
+    Box<dyn FnOnce(&Transaction<'_>) -> Box<dyn FnOnce(Result<(), String>) + Send> + Send>;
+
 pub struct SqliteStore {
-    writer: Arc<Mutex<Connection>>,
+    writer: mpsc::Sender<WriteJob>,
     readers: r2d2::Pool<SqliteConnectionManager>,
     pub(crate) feed: Arc<super::ChangeFeed>,
 }
@@ -77,15 +91,20 @@ impl SqliteStore {
             .max_size(read_pool_size.max(1))
             .min_idle(Some(1))
             .build(manager)?;
+        let (jobs, queue) = mpsc::channel::<WriteJob>();
+        std::thread::Builder::new()
+            .name("basalt-sqlite-writer".into())
+            .spawn(move || writer_loop(writer, queue))?;
         Ok(SqliteStore {
-            writer: Arc::new(Mutex::new(writer)),
+            writer: jobs,
             readers,
             feed: Arc::new(super::ChangeFeed::default()),
         })
     }
 
-    /// Runs `f` in a `BEGIN IMMEDIATE` transaction on the writer connection, off the async
-    /// threads; commits when `f` returns `Ok`, rolls back otherwise.
+    /// Runs `f` as one write of a group-committed transaction on the writer thread: it
+    /// takes effect when `f` returns `Ok` and the group commits; an `Err` rolls back `f`'s
+    /// changes only.
     pub(crate) async fn write<T, F>(&self, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
@@ -94,29 +113,64 @@ impl SqliteStore {
         self.write_then(f, |_| {}).await
     }
 
-    /// Like [`SqliteStore::write`], then runs `after_commit` while the writer lock is still
-    /// held, so whatever it does happens in commit order.
+    /// Like [`SqliteStore::write`], then runs `after_commit` on the writer thread before the
+    /// next group starts, so whatever it does happens in commit order.
     pub(crate) async fn write_then<T, F, A>(&self, f: F, after_commit: A) -> StoreResult<T>
     where
         T: Send + 'static,
         F: FnOnce(&Transaction<'_>) -> StoreResult<T> + Send + 'static,
         A: FnOnce(&T) + Send + 'static,
     {
-        let writer = self.writer.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut conn = writer
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(map_err)?;
-            let value = f(&tx)?;
-            tx.commit().map_err(map_err)?;
-            after_commit(&value);
-            Ok(value)
-        })
-        .await
-        .map_err(StoreError::internal)?
+        let (tx, rx) = tokio::sync::oneshot::channel::<StoreResult<T>>();
+        let job: WriteJob = Box::new(move |txn: &Transaction<'_>| {
+            let outcome = match txn.execute_batch("SAVEPOINT write") {
+                Err(e) => Err(map_err(e)),
+                Ok(()) => {
+                    let result = f(txn);
+                    let closed = if result.is_ok() {
+                        txn.execute_batch("RELEASE write")
+                    } else {
+                        txn.execute_batch("ROLLBACK TO write; RELEASE write")
+                    };
+                    match closed {
+                        Ok(()) => result,
+                        Err(e) => Err(map_err(e)),
+                    }
+                }
+            };
+            Box::new(move |committed: Result<(), String>| {
+                let answer = match (outcome, committed) {
+                    (Ok(value), Ok(())) => {
+                        after_commit(&value);
+                        Ok(value)
+                    }
+                    (Ok(_), Err(e)) => {
+                        Err(StoreError::Internal(anyhow::anyhow!("commit failed: {e}")))
+                    }
+                    (Err(e), _) => Err(e),
+                };
+                let _ = tx.send(answer);
+            })
+        });
+        self.writer.send(job).map_err(|_| {
+            StoreError::Unavailable(anyhow::anyhow!("the SQLite writer has stopped"))
+        })?;
+        rx.await.map_err(|_| {
+            StoreError::Unavailable(anyhow::anyhow!("the SQLite writer has stopped"))
+        })?
+    }
+
+    /// Runs a short read (a lookup by key) on the calling thread when a pooled connection is
+    /// free right now, else like [`SqliteStore::read`].
+    pub(crate) async fn read_point<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    {
+        match self.readers.try_get() {
+            Some(conn) => f(&conn),
+            None => self.read(f).await,
+        }
     }
 
     /// Runs `f` on a pooled read connection, off the async threads.
@@ -134,6 +188,38 @@ impl SqliteStore {
         })
         .await
         .map_err(StoreError::internal)?
+    }
+}
+
+/// The writer thread: waits for a write, gathers those queued behind it, runs them in one
+/// transaction, commits, answers. Ends when the store (every sender) is dropped.
+fn writer_loop(mut conn: Connection, queue: mpsc::Receiver<WriteJob>) {
+    while let Ok(first) = queue.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match queue.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        let txn = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+            Ok(txn) => txn,
+            Err(e) => {
+                // Dropping the jobs drops their answer channels: each caller is told the
+                // write did not happen.
+                tracing::error!(error = %e, "cannot begin a SQLite write transaction");
+                drop(group);
+                continue;
+            }
+        };
+        let finishers: Vec<_> = group.into_iter().map(|job| job(&txn)).collect();
+        let committed = txn.commit().map_err(|e| e.to_string());
+        if let Err(e) = &committed {
+            tracing::error!(error = %e, "SQLite commit failed");
+        }
+        for finish in finishers {
+            finish(committed.clone());
+        }
     }
 }
 
