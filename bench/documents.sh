@@ -50,7 +50,14 @@ log() { printf '\n== %s\n' "$*" >&2; }
 
 cleanup() {
   [ -n "$SERVER_PID" ] && stop_server
-  if [ "${KEEP:-0}" = 1 ]; then echo "work dir kept: $WORK" >&2; else rm -rf "$WORK"; fi
+  if [ "${KEEP:-0}" = 1 ]; then
+    echo "work dir kept: $WORK (databases docbench_parse, docbench_basalt, docbench_owner too)" >&2
+  else
+    cd /
+    rm -rf "$WORK"
+    local db
+    for db in $CREATED_DBS; do psql -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" postgres >/dev/null 2>&1 || true; done
+  fi
 }
 trap cleanup EXIT
 
@@ -91,7 +98,9 @@ for line in sys.stdin:
   fi
 }
 
-fresh_db() { # NAME: drop and create a PostgreSQL database
+CREATED_DBS=""
+fresh_db() { # NAME: drop and create a PostgreSQL database (dropped at exit unless KEEP=1)
+  CREATED_DBS="$CREATED_DBS $1"
   psql -qc "DROP DATABASE IF EXISTS $1 WITH (FORCE)" postgres >/dev/null 2>&1
   psql -qc "CREATE DATABASE $1" postgres >/dev/null
 }
