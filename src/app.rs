@@ -145,6 +145,9 @@ async fn background_tasks(state: AppState) {
                 Ok(n) => tracing::info!(entries = n, "pruned the change log"),
                 Err(err) => tracing::warn!(error = %err, "could not prune the change log"),
             }
+            if let Err(err) = state.store.optimize().await {
+                tracing::warn!(error = %err, "could not refresh the query planner's statistics");
+            }
         }
         ticks += 1;
     }

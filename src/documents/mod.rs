@@ -298,6 +298,43 @@ impl Collection {
     }
 }
 
+/// Whether `rule` lets `principal` do `method`. Admins and service keys always may; a missing
+/// rule denies; a rule that cannot be decided (a failed lookup) denies and is logged. The
+/// document (`resource`) and the written data are only built when the rule needs them.
+fn rule_allows(
+    rule: &Option<Rule>,
+    principal: &Principal,
+    resource: impl FnOnce() -> Option<Value>,
+    method: &str,
+    time: DateTime<Utc>,
+    data: impl FnOnce() -> Option<Value>,
+    lookup: &dyn DocumentLookup,
+) -> bool {
+    if matches!(principal, Principal::Privileged) {
+        return true;
+    }
+    let Some(rule) = rule else { return false };
+    if let Some(constant) = rule.constant() {
+        return constant;
+    }
+    let input = RuleInput {
+        auth: principal.auth().cloned(),
+        resource: resource(),
+        request: RequestInfo {
+            method: method.into(),
+            time,
+            data: data(),
+        },
+    };
+    match rule.evaluate(&input, lookup) {
+        Ok(allowed) => allowed,
+        Err(err) => {
+            tracing::warn!(error = %err, rule = rule.source(), "rule could not be decided; denying");
+            false
+        }
+    }
+}
+
 /// Reads other documents for `get()`/`exists()` in rules. Rules are evaluated synchronously
 /// (sometimes inside a write transaction), so this blocks on the store in place.
 struct StoreLookup {
@@ -451,37 +488,6 @@ impl DocumentService {
 
     // ------------------------------------------------------------------ reads
 
-    fn allowed(
-        &self,
-        rule: &Option<Rule>,
-        principal: &Principal,
-        resource: Option<Value>,
-        method: &str,
-        data: Option<Value>,
-        lookup: &dyn DocumentLookup,
-    ) -> bool {
-        if matches!(principal, Principal::Privileged) {
-            return true;
-        }
-        let Some(rule) = rule else { return false };
-        let input = RuleInput {
-            auth: principal.auth().cloned(),
-            resource,
-            request: RequestInfo {
-                method: method.into(),
-                time: Utc::now(),
-                data,
-            },
-        };
-        match rule.evaluate(&input, lookup) {
-            Ok(allowed) => allowed,
-            Err(err) => {
-                tracing::warn!(error = %err, rule = rule.source(), "rule could not be decided; denying");
-                false
-            }
-        }
-    }
-
     pub async fn get(
         &self,
         principal: &Principal,
@@ -491,8 +497,16 @@ impl DocumentService {
         let coll = self.collection(collection).await?;
         check_document_id(id).map_err(|_| ApiError::NotFound("document not found".into()))?;
         let doc = self.store.get_document(collection, id).await?;
-        let resource = doc.as_ref().map(document_json);
-        if !self.allowed(&coll.read, principal, resource, "get", None, &self.lookup()) {
+        let resource = || doc.as_ref().map(document_json);
+        if !rule_allows(
+            &coll.read,
+            principal,
+            resource,
+            "get",
+            Utc::now(),
+            || None,
+            &self.lookup(),
+        ) {
             return Err(ApiError::PermissionDenied(
                 "the read rule denies this".into(),
             ));
@@ -568,12 +582,13 @@ impl DocumentService {
                 examined += 1;
                 after = Some(cursor_of(&query.order, &row));
                 let keep = !per_row
-                    || self.allowed(
+                    || rule_allows(
                         &coll.read,
                         principal,
-                        Some(document_json(&row)),
+                        || Some(document_json(&row)),
                         "list",
-                        None,
+                        Utc::now(),
+                        || None,
                         &lookup,
                     );
                 if keep {
@@ -671,12 +686,13 @@ impl DocumentService {
                 .await?;
             for row in &rows {
                 if !per_row
-                    || self.allowed(
+                    || rule_allows(
                         &coll.read,
                         principal,
-                        Some(document_json(row)),
+                        || Some(document_json(row)),
                         "list",
-                        None,
+                        Utc::now(),
+                        || None,
                         &lookup,
                     )
                 {
@@ -1083,30 +1099,17 @@ fn decide_write(
     kind: WriteKind,
     pre: Precondition,
 ) -> ApiResult<WriteDecision> {
-    let svc_allowed = |rule: &Option<Rule>,
-                       resource: Option<Value>,
-                       method: &str,
-                       data: Option<Value>| {
-        if matches!(principal, Principal::Privileged) {
-            return true;
-        }
-        let Some(rule) = rule else { return false };
-        let input = RuleInput {
-            auth: principal.auth().cloned(),
-            resource,
-            request: RequestInfo {
-                method: method.into(),
-                time: now,
-                data,
-            },
-        };
-        match rule.evaluate(&input, lookup) {
-            Ok(allowed) => allowed,
-            Err(err) => {
-                tracing::warn!(error = %err, rule = rule.source(), "rule could not be decided; denying");
-                false
-            }
-        }
+    // `resource` is the stored document, built only when a rule reads it.
+    let svc_allowed = |rule: &Option<Rule>, method: &str, data: Option<Value>| {
+        rule_allows(
+            rule,
+            principal,
+            || current.map(document_json),
+            method,
+            now,
+            || data,
+            lookup,
+        )
     };
     // Preconditions are checked after the rule: a caller the rule refuses gets 403 and
     // learns nothing about the document's version.
@@ -1134,14 +1137,13 @@ fn decide_write(
         }
         Ok(())
     };
-    let resource = current.map(document_json);
     let old_data = current.map(|c| &c.data);
     let new_data = match kind {
         WriteKind::Delete => {
             if current.is_none() {
                 return Err(ApiError::NotFound("document not found".into()));
             }
-            if !svc_allowed(&coll.delete, resource, "delete", None) {
+            if !svc_allowed(&coll.delete, "delete", None) {
                 return Err(ApiError::PermissionDenied(
                     "the delete rule denies this".into(),
                 ));
@@ -1191,7 +1193,12 @@ fn decide_write(
     } else {
         (&coll.create, "create")
     };
-    if !svc_allowed(rule, resource, method, Some(new_data.clone())) {
+    let written = if rule.as_ref().and_then(Rule::constant).is_some() {
+        None
+    } else {
+        Some(new_data.clone())
+    };
+    if !svc_allowed(rule, method, written) {
         return Err(ApiError::PermissionDenied(format!(
             "the {method} rule denies this"
         )));

@@ -171,6 +171,15 @@ impl Rule {
         &self.inner.source
     }
 
+    /// `Some(b)` when the rule is the literal `true` or `false`: the caller can decide without
+    /// building an activation (the common public-read case).
+    pub fn constant(&self) -> Option<bool> {
+        match &self.inner.expr.expr {
+            cel_parser::ast::Expr::Literal(cel_parser::reference::Val::Boolean(b)) => Some(*b),
+            _ => None,
+        }
+    }
+
     pub fn evaluate(
         &self,
         input: &RuleInput,

@@ -450,6 +450,10 @@ pub trait DocumentStore: Send + Sync {
     async fn changes_since(&self, after: i64, limit: u32) -> StoreResult<Vec<ChangeRow>>;
     /// Deletes change-log entries older than `before`; returns how many.
     async fn prune_changes(&self, before: DateTime<Utc>) -> StoreResult<u64>;
+
+    /// Periodic upkeep of the query planner's statistics (SQLite's `PRAGMA optimize`;
+    /// PostgreSQL's autovacuum does this by itself).
+    async fn optimize(&self) -> StoreResult<()>;
 }
 
 #[async_trait]

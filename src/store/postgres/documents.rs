@@ -87,7 +87,7 @@ async fn create_indexes(
             })
             .collect();
         sqlx::query(&format!(
-            "CREATE INDEX \"{prefix}{n}\" ON documents (collection, {})",
+            "CREATE INDEX \"{prefix}{n}\" ON documents (collection, {}, id)",
             exprs.join(", ")
         ))
         .execute(&mut **tx)
@@ -410,5 +410,9 @@ impl DocumentStore for PgStore {
             .await
             .map_err(map_err)?;
         Ok(done.rows_affected())
+    }
+
+    async fn optimize(&self) -> StoreResult<()> {
+        Ok(())
     }
 }
