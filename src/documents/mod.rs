@@ -132,6 +132,7 @@ pub struct Collection {
     update: Option<Rule>,
     delete: Option<Rule>,
     indexed: Vec<Vec<String>>,
+    leading: Vec<Vec<String>>,
     schema: Option<jsonschema::Validator>,
 }
 
@@ -267,6 +268,7 @@ fn compile_collection(row: CollectionRow) -> ApiResult<Collection> {
             .iter()
             .flat_map(|i| i.fields.iter().map(|(p, _)| p.clone()))
             .collect(),
+        leading: indexes.iter().map(|i| i.fields[0].0.clone()).collect(),
         schema,
         row,
     })
@@ -575,6 +577,7 @@ impl DocumentService {
                     after: after.as_ref(),
                     limit: batch as u32,
                     indexed: &coll.indexed,
+                    leading: &coll.leading,
                 })
                 .await?;
             let got = rows.len();
@@ -633,6 +636,7 @@ impl DocumentService {
                         after: None,
                         limit: 0,
                         indexed: &coll.indexed,
+                        leading: &coll.leading,
                     })
                     .await?
             })
@@ -682,6 +686,7 @@ impl DocumentService {
                     after: after.as_ref(),
                     limit: 1000,
                     indexed: &coll.indexed,
+                    leading: &coll.leading,
                 })
                 .await?;
             for row in &rows {
@@ -775,6 +780,7 @@ impl DocumentService {
                     after: None,
                     limit: 0,
                     indexed: &coll.indexed,
+                    leading: &coll.leading,
                 },
                 &numeric_paths,
             )
@@ -827,6 +833,7 @@ impl DocumentService {
                             after: None,
                             limit: 1,
                             indexed: &coll.indexed,
+                            leading: &coll.leading,
                         })
                         .await?;
                     rows.first()

@@ -164,7 +164,7 @@ impl<'a> SqlBuilder<'a> {
             Value::Null | Value::Bool(_) => ty,
             _ => {
                 let p = self.sqlite_scalar(v);
-                format!("({ty} AND {value} = {p})")
+                format!("({value} = {p} AND {ty})")
             }
         }
     }
@@ -193,7 +193,7 @@ impl<'a> SqlBuilder<'a> {
                         ty
                     };
                     let p = self.sqlite_scalar(v);
-                    format!("({ty} AND {} {} {p})", e.value, cmp_sql(op))
+                    format!("({} {} {p} AND {ty})", e.value, cmp_sql(op))
                 }
                 Op::In | Op::NotIn => {
                     let list = v.as_array().cloned().unwrap_or_default();
@@ -417,8 +417,10 @@ impl<'a> SqlBuilder<'a> {
         }
     }
 
-    /// `ORDER BY` terms for the query's order.
-    pub fn order_by(&mut self, order: &[Order]) -> String {
+    /// `ORDER BY` terms for the query's order. With `filter_first` (SQLite only), `$id` is
+    /// written `+id` so that no index can supply the order and the planner cannot choose to
+    /// walk the primary key in id order testing every row.
+    pub fn order_by(&mut self, order: &[Order], filter_first: bool) -> String {
         let mut terms = Vec::new();
         for o in order {
             let dir = match o.direction {
@@ -426,6 +428,9 @@ impl<'a> SqlBuilder<'a> {
                 Direction::Desc => "DESC",
             };
             match &o.field {
+                Field::Id if filter_first && self.dialect == Dialect::Sqlite => {
+                    terms.push(format!("+id {dir}"))
+                }
                 Field::Id => terms.push(format!("{} {dir}", self.id_col())),
                 Field::CreatedAt => terms.push(format!("created_at {dir}")),
                 Field::UpdatedAt => terms.push(format!("updated_at {dir}")),

@@ -345,6 +345,9 @@ pub struct Scan<'a> {
     pub limit: u32,
     /// Paths with a declared index, so their SQL matches the index expression.
     pub indexed: &'a [Vec<String>],
+    /// The first field of each declared index, in declaration order (index `n` is named
+    /// `index_prefix(collection) + n`).
+    pub leading: &'a [Vec<String>],
 }
 
 /// Sums for `_aggregate`: the number of documents and, per requested path, the sum and count

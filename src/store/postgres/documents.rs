@@ -316,7 +316,7 @@ impl DocumentStore for PgStore {
     async fn scan_documents(&self, scan: &Scan<'_>) -> StoreResult<Vec<DocumentRow>> {
         let mut b = SqlBuilder::new(Dialect::Postgres, scan.indexed);
         let where_sql = scan_where(&mut b, scan, true);
-        let order = b.order_by(scan.order);
+        let order = b.order_by(scan.order, false);
         let sql = format!(
             "SELECT {DOC_COLUMNS} FROM documents WHERE {where_sql} ORDER BY {order} LIMIT {}",
             scan.limit
