@@ -133,6 +133,7 @@ pub struct Collection {
     delete: Option<Rule>,
     indexed: Vec<Vec<String>>,
     leading: Vec<Vec<String>>,
+    index_widths: Vec<usize>,
     schema: Option<jsonschema::Validator>,
 }
 
@@ -269,6 +270,7 @@ fn compile_collection(row: CollectionRow) -> ApiResult<Collection> {
             .flat_map(|i| i.fields.iter().map(|(p, _)| p.clone()))
             .collect(),
         leading: indexes.iter().map(|i| i.fields[0].0.clone()).collect(),
+        index_widths: indexes.iter().map(|i| i.fields.len()).collect(),
         schema,
         row,
     })
@@ -578,6 +580,7 @@ impl DocumentService {
                     limit: batch as u32,
                     indexed: &coll.indexed,
                     leading: &coll.leading,
+                    index_widths: &coll.index_widths,
                 })
                 .await?;
             let got = rows.len();
@@ -637,6 +640,7 @@ impl DocumentService {
                         limit: 0,
                         indexed: &coll.indexed,
                         leading: &coll.leading,
+                        index_widths: &coll.index_widths,
                     })
                     .await?
             })
@@ -687,6 +691,7 @@ impl DocumentService {
                     limit: 1000,
                     indexed: &coll.indexed,
                     leading: &coll.leading,
+                    index_widths: &coll.index_widths,
                 })
                 .await?;
             for row in &rows {
@@ -781,6 +786,7 @@ impl DocumentService {
                     limit: 0,
                     indexed: &coll.indexed,
                     leading: &coll.leading,
+                    index_widths: &coll.index_widths,
                 },
                 &numeric_paths,
             )
@@ -834,6 +840,7 @@ impl DocumentService {
                             limit: 1,
                             indexed: &coll.indexed,
                             leading: &coll.leading,
+                            index_widths: &coll.index_widths,
                         })
                         .await?;
                     rows.first()

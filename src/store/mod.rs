@@ -348,6 +348,8 @@ pub struct Scan<'a> {
     /// The first field of each declared index, in declaration order (index `n` is named
     /// `index_prefix(collection) + n`).
     pub leading: &'a [Vec<String>],
+    /// How many fields each declared index has, in declaration order.
+    pub index_widths: &'a [usize],
 }
 
 /// Sums for `_aggregate`: the number of documents and, per requested path, the sum and count

@@ -7,7 +7,7 @@ use rusqlite::{params, params_from_iter, OptionalExtension, Row, Transaction};
 use serde_json::Value;
 
 use super::{map_err, parse_ts, ts, SqliteStore};
-use crate::documents::query::{Field, Filter, Op, Operand};
+use crate::documents::query::{Direction, Field, Filter, Op, Operand};
 use crate::store::docsql::{index_expression, scan_where, Bind, Dialect, SqlBuilder};
 use crate::store::{document_json, index_prefix};
 use crate::store::{
@@ -163,7 +163,7 @@ fn create_indexes(
 /// same document, was often the primary key with a test of every document of the collection
 /// (found by the benchmark: an owner query 20× slower at 100k documents than at 10k; the
 /// plan test below pins the fix).
-fn index_hint(scan: &Scan<'_>) -> Option<String> {
+fn index_hint(scan: &Scan<'_>) -> Option<(usize, bool)> {
     let filter = scan.filter?;
     let clauses: Vec<&Filter> = match filter {
         Filter::And(parts) => parts.iter().collect(),
@@ -181,11 +181,13 @@ fn index_hint(scan: &Scan<'_>) -> Option<String> {
             _ => None,
         })
     };
-    let n = compared(&[Op::Eq]).or_else(|| compared(&[Op::Lt, Op::Le, Op::Gt, Op::Ge]))?;
-    Some(format!(
-        " INDEXED BY \"{}{n}\"",
-        index_prefix(scan.collection)
-    ))
+    compared(&[Op::Eq])
+        .map(|n| (n, true))
+        .or_else(|| compared(&[Op::Lt, Op::Le, Op::Gt, Op::Ge]).map(|n| (n, false)))
+}
+
+fn indexed_by(scan: &Scan<'_>, n: usize) -> String {
+    format!(" INDEXED BY \"{}{n}\"", index_prefix(scan.collection))
 }
 
 /// The `SELECT` of a scan, with its parameters. With an index hint the matching rows are
@@ -195,10 +197,22 @@ fn scan_sql(scan: &Scan<'_>) -> (String, Vec<SqlValue>) {
     let mut b = SqlBuilder::new(Dialect::Sqlite, scan.indexed);
     let where_sql = scan_where(&mut b, scan, true);
     let hint = index_hint(scan);
-    let order = b.order_by(scan.order, hint.is_some());
+    // An equality on a one-field index ordered by id: the index (collection, field, id)
+    // yields the rows already in order, so it is read directly and stops at the limit.
+    let in_index_order = matches!(hint, Some((n, true))
+        if scan.order.len() == 1
+            && scan.order[0].direction == Direction::Asc
+            && single_field(scan, n));
+    let order = b.order_by(scan.order, hint.is_some() && !in_index_order);
     let sql = match hint {
-        Some(hint) => format!(
-            "SELECT {DOC_COLUMNS} FROM documents WHERE rowid IN (SELECT rowid FROM documents{hint} WHERE {where_sql}) ORDER BY {order} LIMIT {}",
+        Some((n, _)) if in_index_order => format!(
+            "SELECT {DOC_COLUMNS} FROM documents{} WHERE {where_sql} ORDER BY {order} LIMIT {}",
+            indexed_by(scan, n),
+            scan.limit
+        ),
+        Some((n, _)) => format!(
+            "SELECT {DOC_COLUMNS} FROM documents WHERE rowid IN (SELECT rowid FROM documents{} WHERE {where_sql}) ORDER BY {order} LIMIT {}",
+            indexed_by(scan, n),
             scan.limit
         ),
         None => format!(
@@ -207,6 +221,11 @@ fn scan_sql(scan: &Scan<'_>) -> (String, Vec<SqlValue>) {
         ),
     };
     (sql, to_sql(b.binds))
+}
+
+/// Whether declared index `n` has one field (so `id` follows it in the index).
+fn single_field(scan: &Scan<'_>, n: usize) -> bool {
+    scan.index_widths.get(n) == Some(&1)
 }
 
 #[async_trait]
@@ -402,7 +421,9 @@ impl DocumentStore for SqliteStore {
     async fn count_documents(&self, scan: &Scan<'_>) -> StoreResult<u64> {
         let mut b = SqlBuilder::new(Dialect::Sqlite, scan.indexed);
         let where_sql = scan_where(&mut b, scan, false);
-        let hint = index_hint(scan).unwrap_or_default();
+        let hint = index_hint(scan)
+            .map(|(n, _)| indexed_by(scan, n))
+            .unwrap_or_default();
         let sql = format!("SELECT COUNT(*) FROM documents{hint} WHERE {where_sql}");
         let binds = to_sql(b.binds);
         self.read(move |c| {
@@ -514,6 +535,7 @@ mod tests {
             limit: 21,
             indexed: &indexed,
             leading: &indexed,
+            index_widths: &[1, 1],
         };
         let (sql, binds) = scan_sql(&scan);
         let sql = format!("EXPLAIN QUERY PLAN {sql}");
