@@ -271,12 +271,28 @@ impl Config {
         Self::extract(figment)
     }
 
-    /// The `BASALT_*` environment provider. `BASALT_TEST_*` names belong to the test suite and
-    /// are skipped.
+    /// The `BASALT_*` environment provider, for the variables that name a setting. Others
+    /// (`BASALT_TEST_*` of the test suite, a `BASALT_VERSION` a deployment happens to set)
+    /// are left out rather than stopping start-up; `main` warns about them. A typo inside a
+    /// section (`BASALT_DATABASE__ULR`) still names a setting's section and is refused.
     fn env() -> Env {
         Env::prefixed("BASALT_")
-            .filter(|key| !key.as_str().to_ascii_lowercase().starts_with("test_"))
+            .filter(|key| names_setting(key.as_str()))
             .split("__")
+    }
+
+    /// `BASALT_*` variables that name no setting and were ignored (test-suite ones aside).
+    pub fn ignored_env_vars() -> Vec<String> {
+        let mut ignored: Vec<String> = std::env::vars()
+            .filter_map(|(name, _)| {
+                let rest = name.strip_prefix("BASALT_")?;
+                let ignored =
+                    !names_setting(rest) && !rest.to_ascii_lowercase().starts_with("test_");
+                ignored.then_some(name)
+            })
+            .collect();
+        ignored.sort();
+        ignored
     }
 
     fn extract(figment: Figment) -> Result<Config, ConfigError> {
@@ -359,6 +375,29 @@ impl Config {
     }
 }
 
+/// The top-level settings; an environment variable's first `__`-separated part must be one.
+const TOP_LEVEL: &[&str] = &[
+    "listen",
+    "data_dir",
+    "public_url",
+    "database",
+    "storage",
+    "log",
+    "http",
+    "auth",
+    "rate_limit",
+    "documents",
+];
+
+fn names_setting(key_after_prefix: &str) -> bool {
+    let first = key_after_prefix
+        .split("__")
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    TOP_LEVEL.contains(&first.as_str())
+}
+
 /// A configuration problem, as one line naming the key.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {0}")]
@@ -397,6 +436,20 @@ mod tests {
             jail.set_env("BASALT_AUTH__ACCESS_TOKEN_TTL_SECS", "soon");
             let err = Config::load(None).unwrap_err().to_string();
             assert!(err.contains("auth.access_token_ttl_secs"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unrelated_basalt_variables_are_ignored_but_typos_in_a_section_are_not() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("BASALT_VERSION", "1.2.3");
+            jail.set_env("BASALT_BIN", "/usr/bin/basalt");
+            assert!(Config::load(None).is_ok());
+            assert!(Config::ignored_env_vars().contains(&"BASALT_BIN".to_string()));
+            jail.set_env("BASALT_DATABASE__ULR", "postgres://x");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("ulr"), "{err}");
             Ok(())
         });
     }

@@ -65,6 +65,13 @@ fn main() -> ExitCode {
         }
     };
     basalt::telemetry::init(&config.log);
+    let ignored = Config::ignored_env_vars();
+    if !ignored.is_empty() {
+        tracing::warn!(
+            variables = ?ignored,
+            "ignoring BASALT_* variables that name no setting (sections nest with a double underscore, as BASALT_DATABASE__URL)"
+        );
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
