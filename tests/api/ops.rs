@@ -222,6 +222,41 @@ async fn unknown_or_missing_grant_type_is_400(backend: Backend) {
         .assert_error(401, "unauthenticated");
 }
 
+/// The same check with a library basalt does not use: Node's `jose`, through the example in
+/// docs/examples (its `npm ci` is part of .ci/run). Skipped, loudly, where Node or the package
+/// is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_jose_verifies_access_tokens_from_the_jwks() {
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/examples");
+    if !examples.join("node_modules/jose").exists() {
+        eprintln!(
+            "docs/examples/node_modules/jose is missing (run `npm ci` there): jose check not run"
+        );
+        return;
+    }
+    let app = spawn_app(Backend::Sqlite).await;
+    let url = app.url("");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("node")
+            .arg("verify-jwks.mjs")
+            .current_dir(&examples)
+            .env("BASALT_URL", url)
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("node runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("verified:"), "{stdout}");
+    assert!(stdout.contains("rejected a tampered token"), "{stdout}");
+    assert!(stdout.contains("rejected the wrong audience"), "{stdout}");
+}
+
 async fn a_third_party_verifies_access_tokens_from_the_jwks_alone(backend: Backend) {
     use jsonwebtoken::jwk::JwkSet;
     use jsonwebtoken::{decode, decode_header, DecodingKey, Validation};
