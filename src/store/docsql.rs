@@ -596,6 +596,27 @@ pub fn scan_where(b: &mut SqlBuilder<'_>, scan: &super::Scan<'_>, with_cursor: b
     sql
 }
 
+/// `SELECT COUNT(*), SUM(..), COUNT(numeric ..) ... FROM {from} WHERE ...` for
+/// `aggregate_numbers`: the count, then a (sum, count of numbers) pair per path.
+pub fn aggregate_sql(
+    b: &mut SqlBuilder<'_>,
+    scan: &super::Scan<'_>,
+    paths: &[Vec<String>],
+    from: &str,
+) -> String {
+    let mut columns = vec!["COUNT(*)".to_string()];
+    for path in paths {
+        let (sum, count) = b.numeric(path);
+        columns.push(sum);
+        columns.push(count);
+    }
+    let where_sql = scan_where(b, scan, false);
+    format!(
+        "SELECT {} FROM {from} WHERE {where_sql}",
+        columns.join(", ")
+    )
+}
+
 fn cmp_sql(op: Op) -> &'static str {
     match op {
         Op::Eq => "=",

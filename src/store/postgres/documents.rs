@@ -8,7 +8,9 @@ use sqlx::query::Query;
 use sqlx::{Postgres, Row};
 
 use super::{map_err, PgStore};
-use crate::store::docsql::{index_expression, scan_where, Bind, Dialect, SqlBuilder};
+use crate::store::docsql::{
+    aggregate_sql, index_expression, scan_where, Bind, Dialect, SqlBuilder,
+};
 use crate::store::{
     document_json, index_prefix, ChangeRow, CollectionRow, DocumentRow, DocumentStore, IndexSpec,
     NumericAggregates, PlannedWrite, Scan, StoreError, StoreResult, WriteDecision, WriteOutcome,
@@ -349,17 +351,7 @@ impl DocumentStore for PgStore {
         paths: &[Vec<String>],
     ) -> StoreResult<NumericAggregates> {
         let mut b = SqlBuilder::new(Dialect::Postgres, scan.indexed);
-        let mut columns = vec!["COUNT(*)".to_string()];
-        for path in paths {
-            let (sum, count) = b.numeric(path);
-            columns.push(sum);
-            columns.push(count);
-        }
-        let where_sql = scan_where(&mut b, scan, false);
-        let sql = format!(
-            "SELECT {} FROM documents WHERE {where_sql}",
-            columns.join(", ")
-        );
+        let sql = aggregate_sql(&mut b, scan, paths, "documents");
         let row = bind_all(sqlx::query(&sql), b.binds)
             .fetch_one(&self.pool)
             .await

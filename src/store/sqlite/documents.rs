@@ -8,7 +8,9 @@ use serde_json::Value;
 
 use super::{map_err, parse_ts, ts, SqliteStore};
 use crate::documents::query::{Direction, Field, Filter, Op, Operand};
-use crate::store::docsql::{index_expression, scan_where, Bind, Dialect, SqlBuilder};
+use crate::store::docsql::{
+    aggregate_sql, index_expression, scan_where, Bind, Dialect, SqlBuilder,
+};
 use crate::store::{document_json, index_prefix};
 use crate::store::{
     ChangeRow, CollectionRow, DocumentRow, DocumentStore, IndexSpec, NumericAggregates,
@@ -443,17 +445,13 @@ impl DocumentStore for SqliteStore {
         paths: &[Vec<String>],
     ) -> StoreResult<NumericAggregates> {
         let mut b = SqlBuilder::new(Dialect::Sqlite, scan.indexed);
-        let mut columns = vec!["COUNT(*)".to_string()];
-        for path in paths {
-            let (sum, count) = b.numeric(path);
-            columns.push(sum);
-            columns.push(count);
-        }
-        let where_sql = scan_where(&mut b, scan, false);
-        let sql = format!(
-            "SELECT {} FROM documents WHERE {where_sql}",
-            columns.join(", ")
+        let from = format!(
+            "documents{}",
+            index_hint(scan)
+                .map(|(n, _)| indexed_by(scan, n))
+                .unwrap_or_default()
         );
+        let sql = aggregate_sql(&mut b, scan, paths, &from);
         let binds = to_sql(b.binds);
         let n = paths.len();
         self.read(move |c| {
