@@ -46,6 +46,41 @@ pub fn index_expression(dialect: Dialect, path: &[String]) -> String {
     }
 }
 
+/// The `CREATE INDEX` statements of declared index number `n` of `collection`: a composite
+/// `(collection, fields…, id)` the planner uses with a bound collection and whose trailing
+/// `id` serves the default order, and for a unique index a partial one scoped to the
+/// collection (the collection name matched `[a-z0-9][a-z0-9_-]*` before it got here).
+pub fn create_index_sql(
+    dialect: Dialect,
+    collection: &str,
+    n: usize,
+    index: &super::IndexSpec,
+) -> Vec<String> {
+    let prefix = super::index_prefix(collection);
+    let exprs: Vec<String> = index
+        .fields
+        .iter()
+        .map(|(path, desc)| {
+            format!(
+                "{}{}",
+                index_expression(dialect, path),
+                if *desc { " DESC" } else { "" }
+            )
+        })
+        .collect();
+    let mut statements = vec![format!(
+        "CREATE INDEX \"{prefix}{n}\" ON documents (collection, {}, id)",
+        exprs.join(", ")
+    )];
+    if index.unique {
+        statements.push(format!(
+            "CREATE UNIQUE INDEX \"{prefix}{n}_unique\" ON documents ({}) WHERE collection = '{collection}'",
+            exprs.join(", ")
+        ));
+    }
+    statements
+}
+
 fn sqlite_path(path: &[String]) -> String {
     let mut p = String::from("$");
     for key in path {

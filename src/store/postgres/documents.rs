@@ -9,7 +9,7 @@ use sqlx::{Postgres, Row};
 
 use super::{map_err, PgStore};
 use crate::store::docsql::{
-    aggregate_sql, index_expression, scan_where, Bind, Dialect, SqlBuilder,
+    aggregate_sql, create_index_sql, scan_where, Bind, Dialect, SqlBuilder,
 };
 use crate::store::{
     document_json, index_prefix, ChangeRow, CollectionRow, DocumentRow, DocumentStore, IndexSpec,
@@ -77,37 +77,17 @@ async fn create_indexes(
             .map_err(map_err)?;
     }
     for (n, index) in indexes.iter().enumerate() {
-        let exprs: Vec<String> = index
-            .fields
-            .iter()
-            .map(|(path, desc)| {
-                format!(
-                    "{}{}",
-                    index_expression(Dialect::Postgres, path),
-                    if *desc { " DESC" } else { "" }
-                )
-            })
-            .collect();
-        sqlx::query(&format!(
-            "CREATE INDEX \"{prefix}{n}\" ON documents (collection, {}, id)",
-            exprs.join(", ")
-        ))
-        .execute(&mut **tx)
-        .await
-        .map_err(map_err)?;
-        if index.unique {
-            sqlx::query(&format!(
-                "CREATE UNIQUE INDEX \"{prefix}{n}_unique\" ON documents ({}) WHERE collection = '{collection}'",
-                exprs.join(", ")
-            ))
-            .execute(&mut **tx)
-            .await
-            .map_err(|e| match map_err(e) {
-                StoreError::AlreadyExists(_) => {
-                    StoreError::Conflict("existing documents violate the unique index".into())
-                }
-                other => other,
-            })?;
+        for statement in create_index_sql(Dialect::Postgres, collection, n, index) {
+            // Only a unique index can fail here: existing documents violate it.
+            sqlx::query(&statement)
+                .execute(&mut **tx)
+                .await
+                .map_err(|e| match map_err(e) {
+                    StoreError::AlreadyExists(_) => {
+                        StoreError::Conflict("existing documents violate the unique index".into())
+                    }
+                    other => other,
+                })?;
         }
     }
     Ok(())

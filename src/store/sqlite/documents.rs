@@ -9,7 +9,7 @@ use serde_json::Value;
 use super::{map_err, parse_ts, ts, SqliteStore};
 use crate::documents::query::{Direction, Field, Filter, Op, Operand};
 use crate::store::docsql::{
-    aggregate_sql, index_expression, scan_where, Bind, Dialect, SqlBuilder,
+    aggregate_sql, create_index_sql, scan_where, Bind, Dialect, SqlBuilder,
 };
 use crate::store::{document_json, index_prefix};
 use crate::store::{
@@ -121,37 +121,12 @@ fn create_indexes(
             .map_err(map_err)?;
     }
     for (n, index) in indexes.iter().enumerate() {
-        let exprs: Vec<String> = index
-            .fields
-            .iter()
-            .map(|(path, desc)| {
-                format!(
-                    "{}{}",
-                    index_expression(Dialect::Sqlite, path),
-                    if *desc { " DESC" } else { "" }
-                )
-            })
-            .collect();
-        // The composite index (collection first, no WHERE) is the one the planner uses with
-        // a bound collection; `id` last lets an equality on the fields plus the default
-        // `ORDER BY id` walk the index in order, which SQLite prefers even without statistics
-        // (with stale ones it scanned the primary key instead). A unique index must be
-        // partial to stay within the collection.
-        tx.execute_batch(&format!(
-            "CREATE INDEX \"{prefix}{n}\" ON documents (collection, {}, id)",
-            exprs.join(", ")
-        ))
-        .map_err(map_err)?;
-        if index.unique {
-            // The collection name matched [a-z0-9][a-z0-9_-]* before it got here.
-            tx.execute_batch(&format!(
-                "CREATE UNIQUE INDEX \"{prefix}{n}_unique\" ON documents ({}) WHERE collection = '{collection}'",
-                exprs.join(", ")
-            ))
-            .map_err(|e| match map_err(e) {
-                StoreError::AlreadyExists(_) => StoreError::Conflict(
-                    "existing documents violate the unique index".into(),
-                ),
+        for statement in create_index_sql(Dialect::Sqlite, collection, n, index) {
+            // Only a unique index can fail here: existing documents violate it.
+            tx.execute_batch(&statement).map_err(|e| match map_err(e) {
+                StoreError::AlreadyExists(_) => {
+                    StoreError::Conflict("existing documents violate the unique index".into())
+                }
                 other => other,
             })?;
         }
