@@ -711,6 +711,28 @@ async fn limit_select_and_count(backend: Backend) {
     .await;
     assert_eq!(ids(&counted).len(), 5);
     assert_eq!(counted.body["count"], 30);
+    let none = query(
+        &app,
+        Some(&admin),
+        "many",
+        json!({"where": ["i", ">", 1000], "count": true}),
+    )
+    .await;
+    assert_eq!(none.assert_ok()["count"], 0);
+    let next = counted.body["next_cursor"].as_str().unwrap();
+    let second = query(
+        &app,
+        Some(&admin),
+        "many",
+        json!({"where": ["odd", "==", true], "limit": 5, "count": true, "start_after": next}),
+    )
+    .await;
+    assert_eq!(
+        second.assert_ok()["count"],
+        30,
+        "the count ignores the cursor"
+    );
+    assert_eq!(second.body["documents"][0]["id"], "d011");
     let selected = query(
         &app,
         Some(&admin),
