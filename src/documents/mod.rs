@@ -529,6 +529,11 @@ impl DocumentService {
             .read
             .as_ref()
             .ok_or_else(|| ApiError::PermissionDenied("this collection has no read rule".into()))?;
+        match rule.constant() {
+            Some(true) => return Ok(ReadPlan::All),
+            Some(false) => return Ok(ReadPlan::Nothing),
+            None => {}
+        }
         Ok(match rule.pushdown(principal.auth(), Utc::now()) {
             Pushdown::Allow => ReadPlan::All,
             Pushdown::Deny => ReadPlan::Nothing,
