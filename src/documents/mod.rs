@@ -574,26 +574,20 @@ impl DocumentService {
         } else {
             query.limit as usize + 1
         };
-        let mut counted: Option<u64> = None;
         while kept.len() <= query.limit as usize {
-            let scan = Scan {
-                collection,
-                filter: filter.as_ref(),
-                order: &query.order,
-                after: after.as_ref(),
-                limit: batch as u32,
-                indexed: &coll.indexed,
-                leading: &coll.leading,
-                index_widths: &coll.index_widths,
-            };
-            // A first page with `count` (no per-row rule): page and total in one go.
-            let rows = if query.count && !per_row && counted.is_none() && query.after.is_none() {
-                let (rows, total) = self.store.scan_and_count(&scan).await?;
-                counted = Some(total);
-                rows
-            } else {
-                self.store.scan_documents(&scan).await?
-            };
+            let rows = self
+                .store
+                .scan_documents(&Scan {
+                    collection,
+                    filter: filter.as_ref(),
+                    order: &query.order,
+                    after: after.as_ref(),
+                    limit: batch as u32,
+                    indexed: &coll.indexed,
+                    leading: &coll.leading,
+                    index_widths: &coll.index_widths,
+                })
+                .await?;
             let got = rows.len();
             for row in rows {
                 examined += 1;
@@ -637,9 +631,7 @@ impl DocumentService {
         } else {
             None
         };
-        let count = if let Some(total) = counted {
-            Some(total)
-        } else if query.count {
+        let count = if query.count {
             Some(if per_row {
                 self.count_per_row(&coll, principal, collection, filter.as_ref())
                     .await?

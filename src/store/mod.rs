@@ -440,14 +440,6 @@ pub trait DocumentStore: Send + Sync {
     async fn apply_writes(&self, writes: Vec<PlannedWrite>) -> StoreResult<Vec<WriteOutcome>>;
     async fn scan_documents(&self, scan: &Scan<'_>) -> StoreResult<Vec<DocumentRow>>;
     async fn count_documents(&self, scan: &Scan<'_>) -> StoreResult<u64>;
-    /// A scan's rows together with the number of documents its filter matches (start
-    /// position and limit aside), for a first page with `count`. A store that can answer both
-    /// from one statement overrides this.
-    async fn scan_and_count(&self, scan: &Scan<'_>) -> StoreResult<(Vec<DocumentRow>, u64)> {
-        let rows = self.scan_documents(scan).await?;
-        let count = self.count_documents(scan).await?;
-        Ok((rows, count))
-    }
     /// Count and numeric sums over the documents a scan's filter matches (order and limit
     /// are ignored).
     async fn aggregate_numbers(

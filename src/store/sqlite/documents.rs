@@ -171,11 +171,6 @@ fn indexed_by(scan: &Scan<'_>, n: usize) -> String {
 /// found in a subquery (by the index) and sorted after; `+id` keeps the outer query from
 /// walking the primary key in id order instead.
 fn scan_sql(scan: &Scan<'_>) -> (String, Vec<SqlValue>) {
-    scan_sql_with(scan, "")
-}
-
-/// [`scan_sql`] with `extra` appended to the selected columns.
-fn scan_sql_with(scan: &Scan<'_>, extra: &str) -> (String, Vec<SqlValue>) {
     let mut b = SqlBuilder::new(Dialect::Sqlite, scan.indexed);
     let where_sql = scan_where(&mut b, scan, true);
     let hint = index_hint(scan);
@@ -188,17 +183,17 @@ fn scan_sql_with(scan: &Scan<'_>, extra: &str) -> (String, Vec<SqlValue>) {
     let order = b.order_by(scan.order, hint.is_some() && !in_index_order);
     let sql = match hint {
         Some((n, _)) if in_index_order => format!(
-            "SELECT {DOC_COLUMNS}{extra} FROM documents{} WHERE {where_sql} ORDER BY {order} LIMIT {}",
+            "SELECT {DOC_COLUMNS} FROM documents{} WHERE {where_sql} ORDER BY {order} LIMIT {}",
             indexed_by(scan, n),
             scan.limit
         ),
         Some((n, _)) => format!(
-            "SELECT {DOC_COLUMNS}{extra} FROM documents WHERE rowid IN (SELECT rowid FROM documents{} WHERE {where_sql}) ORDER BY {order} LIMIT {}",
+            "SELECT {DOC_COLUMNS} FROM documents WHERE rowid IN (SELECT rowid FROM documents{} WHERE {where_sql}) ORDER BY {order} LIMIT {}",
             indexed_by(scan, n),
             scan.limit
         ),
         None => format!(
-            "SELECT {DOC_COLUMNS}{extra} FROM documents WHERE {where_sql} ORDER BY {order} LIMIT {}",
+            "SELECT {DOC_COLUMNS} FROM documents WHERE {where_sql} ORDER BY {order} LIMIT {}",
             scan.limit
         ),
     };
@@ -398,36 +393,6 @@ impl DocumentStore for SqliteStore {
             rows.collect::<rusqlite::Result<Vec<_>>>().map_err(map_err)
         })
         .await
-    }
-
-    /// One statement: a window `COUNT(*) OVER ()` is computed over every matching row before
-    /// the `LIMIT`, so the page and the total cost one pass instead of two.
-    async fn scan_and_count(&self, scan: &Scan<'_>) -> StoreResult<(Vec<DocumentRow>, u64)> {
-        if scan.after.is_some() {
-            let rows = self.scan_documents(scan).await?;
-            return Ok((rows, self.count_documents(scan).await?));
-        }
-        let (sql, binds) = scan_sql_with(scan, ", COUNT(*) OVER ()");
-        let (rows, total) = self
-            .read(move |c| {
-                let mut stmt = c.prepare_cached(&sql).map_err(map_err)?;
-                let rows = stmt
-                    .query_map(params_from_iter(binds.iter()), |r| {
-                        Ok((document_from_row(r)?, r.get::<_, i64>(6)?))
-                    })
-                    .map_err(map_err)?;
-                let rows = rows
-                    .collect::<rusqlite::Result<Vec<_>>>()
-                    .map_err(map_err)?;
-                let total = rows.first().map(|(_, n)| *n as u64);
-                Ok((rows.into_iter().map(|(d, _)| d).collect::<Vec<_>>(), total))
-            })
-            .await?;
-        match total {
-            Some(n) => Ok((rows, n)),
-            // No row on the page: nothing matches (there is no start position).
-            None => Ok((rows, 0)),
-        }
     }
 
     async fn count_documents(&self, scan: &Scan<'_>) -> StoreResult<u64> {
