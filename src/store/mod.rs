@@ -392,6 +392,76 @@ pub fn index_prefix(collection: &str) -> String {
     )
 }
 
+/// What a decided write does to the `documents` table.
+pub(crate) enum RowWrite {
+    Insert(DocumentRow),
+    Update(DocumentRow),
+    /// Delete the row with this key.
+    Delete,
+}
+
+/// Turns a write's decision on the current document into the row to write and its
+/// change-log entry (`seq` is filled in by the insert). Shared by both dialects, which only
+/// execute it.
+pub(crate) fn plan_row_write(
+    collection: String,
+    id: String,
+    decision: WriteDecision,
+    current: Option<&DocumentRow>,
+    now: DateTime<Utc>,
+) -> StoreResult<(RowWrite, ChangeRow)> {
+    let (write, op, version) = match (decision, current) {
+        (WriteDecision::Put(data), Some(cur)) => {
+            let doc = DocumentRow {
+                collection: collection.clone(),
+                id: id.clone(),
+                data,
+                version: cur.version + 1,
+                created_at: cur.created_at,
+                updated_at: now,
+            };
+            (RowWrite::Update(doc), "update", cur.version + 1)
+        }
+        (WriteDecision::Put(data), None) => {
+            let doc = DocumentRow {
+                collection: collection.clone(),
+                id: id.clone(),
+                data,
+                version: 1,
+                created_at: now,
+                updated_at: now,
+            };
+            (RowWrite::Insert(doc), "create", 1)
+        }
+        (WriteDecision::Delete, Some(cur)) => (RowWrite::Delete, "delete", cur.version + 1),
+        (WriteDecision::Delete, None) => return Err(StoreError::NotFound),
+    };
+    let document = match &write {
+        RowWrite::Insert(d) | RowWrite::Update(d) => Some(document_json(d)),
+        RowWrite::Delete => None,
+    };
+    let change = ChangeRow {
+        seq: 0,
+        collection,
+        id,
+        op: op.into(),
+        version,
+        document,
+        old_document: current.map(document_json),
+        time: now,
+    };
+    Ok((write, change))
+}
+
+impl RowWrite {
+    pub(crate) fn into_document(self) -> Option<DocumentRow> {
+        match self {
+            RowWrite::Insert(d) | RowWrite::Update(d) => Some(d),
+            RowWrite::Delete => None,
+        }
+    }
+}
+
 /// The in-process change feed: every committed document write, in commit order on SQLite
 /// (published while the single writer still holds its lock) and in commit-completion order on
 /// PostgreSQL. A subscriber that falls behind gets `Lagged` and catches up from the change

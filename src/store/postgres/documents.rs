@@ -12,8 +12,8 @@ use crate::store::docsql::{
     aggregate_sql, create_index_sql, scan_where, Bind, Dialect, SqlBuilder,
 };
 use crate::store::{
-    document_json, index_prefix, ChangeRow, CollectionRow, DocumentRow, DocumentStore, IndexSpec,
-    NumericAggregates, PlannedWrite, Scan, StoreError, StoreResult, WriteDecision, WriteOutcome,
+    index_prefix, plan_row_write, ChangeRow, CollectionRow, DocumentRow, DocumentStore, IndexSpec,
+    NumericAggregates, PlannedWrite, RowWrite, Scan, StoreError, StoreResult, WriteOutcome,
 };
 
 const DOC_COLUMNS: &str = "collection, id, data, version, created_at, updated_at";
@@ -205,72 +205,34 @@ impl DocumentStore for PgStore {
             .transpose()
             .map_err(map_err)?;
             let decision = (w.decide)(current.as_ref(), now).map_err(StoreError::Rejected)?;
-            let (document, op, version) = match (decision, &current) {
-                (WriteDecision::Put(data), Some(cur)) => {
-                    let doc = DocumentRow {
-                        collection: w.collection.clone(),
-                        id: w.id.clone(),
-                        data,
-                        version: cur.version + 1,
-                        created_at: cur.created_at,
-                        updated_at: now,
-                    };
-                    sqlx::query(
-                        "UPDATE documents SET data = $3, version = $4, updated_at = $5
-                         WHERE collection = $1 AND id = $2",
-                    )
-                    .bind(&doc.collection)
-                    .bind(&doc.id)
-                    .bind(&doc.data)
-                    .bind(doc.version)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(map_err)?;
-                    (Some(doc), "update", cur.version + 1)
-                }
-                (WriteDecision::Put(data), None) => {
-                    let doc = DocumentRow {
-                        collection: w.collection.clone(),
-                        id: w.id.clone(),
-                        data,
-                        version: 1,
-                        created_at: now,
-                        updated_at: now,
-                    };
-                    sqlx::query(&format!(
-                        "INSERT INTO documents ({DOC_COLUMNS}) VALUES ($1, $2, $3, 1, $4, $4)"
-                    ))
-                    .bind(&doc.collection)
-                    .bind(&doc.id)
-                    .bind(&doc.data)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(map_err)?;
-                    (Some(doc), "create", 1)
-                }
-                (WriteDecision::Delete, Some(cur)) => {
+            let (write, change) =
+                plan_row_write(w.collection, w.id, decision, current.as_ref(), now)?;
+            let statement = match &write {
+                RowWrite::Update(doc) => sqlx::query(
+                    "UPDATE documents SET data = $3, version = $4, updated_at = $5
+                     WHERE collection = $1 AND id = $2",
+                )
+                .bind(&doc.collection)
+                .bind(&doc.id)
+                .bind(&doc.data)
+                .bind(doc.version)
+                .bind(now),
+                RowWrite::Insert(doc) => sqlx::query(
+                    "INSERT INTO documents (collection, id, data, version, created_at, updated_at)
+                     VALUES ($1, $2, $3, 1, $4, $4)",
+                )
+                .bind(&doc.collection)
+                .bind(&doc.id)
+                .bind(&doc.data)
+                .bind(now),
+                RowWrite::Delete => {
                     sqlx::query("DELETE FROM documents WHERE collection = $1 AND id = $2")
-                        .bind(&cur.collection)
-                        .bind(&cur.id)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(map_err)?;
-                    (None, "delete", cur.version + 1)
+                        .bind(&change.collection)
+                        .bind(&change.id)
                 }
-                (WriteDecision::Delete, None) => return Err(StoreError::NotFound),
             };
-            let change = ChangeRow {
-                seq: 0,
-                collection: w.collection,
-                id: w.id,
-                op: op.into(),
-                version,
-                document: document.as_ref().map(document_json),
-                old_document: current.as_ref().map(document_json),
-                time: now,
-            };
+            statement.execute(&mut *tx).await.map_err(map_err)?;
+            let document = write.into_document();
             let seq: i64 = sqlx::query_scalar(
                 "INSERT INTO changes (collection, id, op, version, document, old_document, time)
                  VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING seq",

@@ -11,10 +11,10 @@ use crate::documents::query::{Direction, Field, Filter, Op, Operand};
 use crate::store::docsql::{
     aggregate_sql, create_index_sql, scan_where, Bind, Dialect, SqlBuilder,
 };
-use crate::store::{document_json, index_prefix};
+use crate::store::index_prefix;
 use crate::store::{
-    ChangeRow, CollectionRow, DocumentRow, DocumentStore, IndexSpec, NumericAggregates,
-    PlannedWrite, Scan, StoreError, StoreResult, WriteDecision, WriteOutcome,
+    plan_row_write, ChangeRow, CollectionRow, DocumentRow, DocumentStore, IndexSpec,
+    NumericAggregates, PlannedWrite, RowWrite, Scan, StoreError, StoreResult, WriteOutcome,
 };
 
 fn json_text(row: &Row<'_>, idx: usize) -> rusqlite::Result<Value> {
@@ -297,62 +297,30 @@ impl DocumentStore for SqliteStore {
             for w in writes {
                 let current = read_document(tx, &w.collection, &w.id)?;
                 let decision = (w.decide)(current.as_ref(), now).map_err(StoreError::Rejected)?;
-                let (document, op, version) = match (decision, &current) {
-                    (WriteDecision::Put(data), Some(cur)) => {
-                        let doc = DocumentRow {
-                            collection: w.collection.clone(),
-                            id: w.id.clone(),
-                            data,
-                            version: cur.version + 1,
-                            created_at: cur.created_at,
-                            updated_at: now,
-                        };
-                        tx.prepare_cached(
+                let (write, change) =
+                    plan_row_write(w.collection, w.id, decision, current.as_ref(), now)?;
+                match &write {
+                    RowWrite::Update(doc) => tx
+                        .prepare_cached(
                             "UPDATE documents SET data = ?3, version = ?4, updated_at = ?5
                              WHERE collection = ?1 AND id = ?2",
                         )
                         .and_then(|mut s| {
                             s.execute(params![doc.collection, doc.id, doc.data.to_string(), doc.version, ts(&now)])
-                        })
-                        .map_err(map_err)?;
-                        (Some(doc), "update", cur.version + 1)
-                    }
-                    (WriteDecision::Put(data), None) => {
-                        let doc = DocumentRow {
-                            collection: w.collection.clone(),
-                            id: w.id.clone(),
-                            data,
-                            version: 1,
-                            created_at: now,
-                            updated_at: now,
-                        };
-                        tx.prepare_cached(&format!(
-                            "INSERT INTO documents ({DOC_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?5)"
+                        }),
+                    RowWrite::Insert(doc) => tx
+                        .prepare_cached(&format!(
+                            "INSERT INTO documents ({DOC_COLUMNS}) VALUES (?1, ?2, ?3, 1, ?4, ?4)"
                         ))
                         .and_then(|mut s| {
-                            s.execute(params![doc.collection, doc.id, doc.data.to_string(), 1, ts(&now)])
-                        })
-                        .map_err(map_err)?;
-                        (Some(doc), "create", 1)
-                    }
-                    (WriteDecision::Delete, Some(cur)) => {
-                        tx.prepare_cached("DELETE FROM documents WHERE collection = ?1 AND id = ?2")
-                            .and_then(|mut s| s.execute(params![cur.collection, cur.id]))
-                            .map_err(map_err)?;
-                        (None, "delete", cur.version + 1)
-                    }
-                    (WriteDecision::Delete, None) => return Err(StoreError::NotFound),
-                };
-                let change = ChangeRow {
-                    seq: 0,
-                    collection: w.collection,
-                    id: w.id,
-                    op: op.into(),
-                    version,
-                    document: document.as_ref().map(document_json),
-                    old_document: current.as_ref().map(document_json),
-                    time: now,
-                };
+                            s.execute(params![doc.collection, doc.id, doc.data.to_string(), ts(&now)])
+                        }),
+                    RowWrite::Delete => tx
+                        .prepare_cached("DELETE FROM documents WHERE collection = ?1 AND id = ?2")
+                        .and_then(|mut s| s.execute(params![change.collection, change.id])),
+                }
+                .map_err(map_err)?;
+                let document = write.into_document();
                 let seq: i64 = tx
                     .prepare_cached(
                         "INSERT INTO changes (collection, id, op, version, document, old_document, time)
@@ -490,7 +458,7 @@ mod tests {
     use super::*;
     use crate::documents::query::{Query, QueryRequest};
     use crate::store::sqlite::SqliteStore;
-    use crate::store::{CollectionRow, PlannedWrite};
+    use crate::store::{CollectionRow, PlannedWrite, WriteDecision};
     use serde_json::json;
 
     async fn plan_of(
