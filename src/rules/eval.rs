@@ -9,9 +9,10 @@
 //! interpreter's `in` also accepts a string on the right (substring); the specification does
 //! not, and no query operator matches it, so the skeleton's `in` refuses it.
 //!
-//! `get()`/`exists()` need the caller's `&dyn DocumentLookup`, but interpreter functions must
-//! be `'static`. So the registered functions only read a per-evaluation cache; a miss records
-//! the wanted document and fails. The evaluator then fetches the misses and evaluates again.
+//! `get()`/`exists()` read other documents, but interpreter functions must be `'static` and
+//! synchronous. So the registered functions only read a per-evaluation cache; a miss records
+//! the wanted document and fails. The caller (`Rule::evaluate_with`'s) fetches the misses
+//! wherever it can — a write on its own transaction — and evaluates again.
 //! Results never depend on a miss that was absorbed: `error || true` is true and
 //! `error && false` is false whatever the error stood for.
 
@@ -24,7 +25,6 @@ use cel_interpreter::{Context, ExecutionError, Value};
 use cel_parser::ast::{operators, Expr, IdedExpr};
 
 use super::value::document_to_cel;
-use super::{DocumentLookup, RuleEvalError, MAX_LOOKUPS};
 
 const MISS: &str = "document not loaded yet";
 
@@ -34,6 +34,18 @@ type DocKey = (String, String);
 pub(crate) struct LookupCache {
     docs: HashMap<DocKey, Option<Value>>,
     misses: Vec<DocKey>,
+}
+
+impl LookupCache {
+    pub(crate) fn with_documents(fetched: &super::Fetched) -> Self {
+        LookupCache {
+            docs: fetched
+                .iter()
+                .map(|(key, doc)| (key.clone(), doc.as_ref().map(document_to_cel)))
+                .collect(),
+            misses: Vec::new(),
+        }
+    }
 }
 
 fn cached(
@@ -106,57 +118,23 @@ pub(crate) fn with_context<R>(
     result
 }
 
-/// Evaluates with `get`/`exists` resolved through `lookup`, at most `MAX_LOOKUPS` documents.
-/// `Ok(Err(_))` is a CEL runtime error (the rule denies); `Err(_)` is a lookup failure.
-pub(crate) fn evaluate_with_lookups(
+/// Evaluates once with `get`/`exists` served from `cache`; returns the result and the
+/// documents that were wanted but not in the cache (each once).
+pub(crate) fn evaluate_once(
     expr: &IdedExpr,
     ctx: &Context,
     cache: &Mutex<LookupCache>,
-    lookup: &dyn DocumentLookup,
-) -> Result<Result<Value, ExecutionError>, RuleEvalError> {
-    let mut fetched = 0;
-    loop {
-        let result = eval(expr, ctx);
-        let misses = {
-            let mut cache = cache
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            std::mem::take(&mut cache.misses)
-        };
-        if result.is_ok() || misses.is_empty() {
-            return Ok(result);
-        }
-        let mut progressed = false;
-        for (collection, id) in misses {
-            let known = cache
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .docs
-                .contains_key(&(collection.clone(), id.clone()));
-            if known {
-                continue;
-            }
-            fetched += 1;
-            if fetched > MAX_LOOKUPS {
-                return Err(RuleEvalError::TooManyLookups { limit: MAX_LOOKUPS });
-            }
-            let doc = lookup
-                .get(&collection, &id)
-                .map_err(RuleEvalError::Lookup)?
-                .map(|doc| document_to_cel(&doc));
-            cache
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .docs
-                .insert((collection, id), doc);
-            progressed = true;
-        }
-        // Misses are only recorded for documents not in the cache, so this cannot happen;
-        // it keeps a future change from turning into an endless loop.
-        if !progressed {
-            return Ok(result);
-        }
-    }
+) -> (Result<Value, ExecutionError>, Vec<DocKey>) {
+    let result = eval(expr, ctx);
+    let mut misses = std::mem::take(
+        &mut cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .misses,
+    );
+    misses.sort();
+    misses.dedup();
+    (result, misses)
 }
 
 /// Evaluates `expr`; the skeleton operators follow the CEL specification (see module docs).

@@ -43,6 +43,7 @@ mod eval;
 mod pushdown;
 mod value;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
@@ -131,6 +132,17 @@ pub struct RuleInput {
     pub request: RequestInfo,
 }
 
+/// Documents read for `get()`/`exists()`, by `(collection, id)`; `None`: it does not exist.
+pub type Fetched = HashMap<(String, String), Option<Json>>;
+
+/// What [`Rule::evaluate_with`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Evaluation {
+    Decided(bool),
+    /// The outcome depends on these documents, not fetched yet.
+    Needs(Vec<(String, String)>),
+}
+
 /// Reads another document for `get()`/`exists()`. `Ok(None)` means it does not exist; the
 /// returned value is the whole document `{id, data, version, created_at, updated_at}`.
 pub trait DocumentLookup: Send + Sync {
@@ -180,13 +192,21 @@ impl Rule {
         }
     }
 
-    pub fn evaluate(
+    /// Evaluates with `get()`/`exists()` answered from `fetched` only, so the caller decides
+    /// where other documents come from (a write reads them on its own transaction's
+    /// connection, never on a second pooled one while holding the first). When the outcome
+    /// depends on documents not in `fetched`, answers [`Evaluation::Needs`] with their keys:
+    /// fetch them (a missing document is `None`) and call again. `Ok(Decided(true))` only when
+    /// the rule yields the bool `true`; a CEL runtime error or a non-bool result is
+    /// `Decided(false)`, a normal deny. `Err` when more than [`MAX_LOOKUPS`] documents would be
+    /// needed.
+    pub fn evaluate_with(
         &self,
         input: &RuleInput,
-        lookup: &dyn DocumentLookup,
-    ) -> Result<bool, RuleEvalError> {
-        let cache = Arc::new(Mutex::new(eval::LookupCache::default()));
-        let outcome = eval::with_context(cache.clone(), |ctx| {
+        fetched: &Fetched,
+    ) -> Result<Evaluation, RuleEvalError> {
+        let cache = Arc::new(Mutex::new(eval::LookupCache::with_documents(fetched)));
+        let (outcome, misses) = eval::with_context(cache.clone(), |ctx| {
             ctx.add_variable_from_value("auth", value::auth_to_cel(input.auth.as_ref()));
             ctx.add_variable_from_value(
                 "resource",
@@ -197,17 +217,48 @@ impl Rule {
                     .unwrap_or(Value::Null),
             );
             ctx.add_variable_from_value("request", value::request_to_cel(&input.request));
-            eval::evaluate_with_lookups(&self.inner.expr, ctx, &cache, lookup)
+            eval::evaluate_once(&self.inner.expr, ctx, &cache)
         });
-        match outcome? {
-            Ok(Value::Bool(allowed)) => Ok(allowed),
+        // A result that is known despite a miss (`get(..) == x || true`) does not depend on it.
+        if outcome.is_err() && !misses.is_empty() {
+            if fetched.len() + misses.len() > MAX_LOOKUPS {
+                return Err(RuleEvalError::TooManyLookups { limit: MAX_LOOKUPS });
+            }
+            return Ok(Evaluation::Needs(misses));
+        }
+        Ok(Evaluation::Decided(match outcome {
+            Ok(Value::Bool(allowed)) => allowed,
             Ok(other) => {
                 tracing::debug!(rule = %self.inner.source, result = ?other, "rule result is not a bool: deny");
-                Ok(false)
+                false
             }
             Err(error) => {
                 tracing::debug!(rule = %self.inner.source, %error, "rule failed: deny");
-                Ok(false)
+                false
+            }
+        }))
+    }
+
+    /// [`Rule::evaluate_with`] in a loop, fetching what it needs from a synchronous `lookup`.
+    /// `Err` when the rule could not be decided (a lookup failed, or too many were needed);
+    /// the caller must deny.
+    pub fn evaluate(
+        &self,
+        input: &RuleInput,
+        lookup: &dyn DocumentLookup,
+    ) -> Result<bool, RuleEvalError> {
+        let mut fetched = Fetched::new();
+        loop {
+            match self.evaluate_with(input, &fetched)? {
+                Evaluation::Decided(allowed) => return Ok(allowed),
+                Evaluation::Needs(keys) => {
+                    for (collection, id) in keys {
+                        let doc = lookup
+                            .get(&collection, &id)
+                            .map_err(RuleEvalError::Lookup)?;
+                        fetched.insert((collection, id), doc);
+                    }
+                }
             }
         }
     }
