@@ -50,10 +50,9 @@ impl App {
             AuthService::new(store.clone(), config.auth.clone(), config.token_issuer()).await?;
         let state = AppState {
             auth_limits: Arc::new(AuthRateLimits::new(&config.rate_limit)),
-            documents: Arc::new(DocumentService::new(
-                store.clone(),
-                config.documents.clone(),
-            )),
+            documents: Arc::new(
+                DocumentService::new(store.clone(), config.documents.clone()).await?,
+            ),
             config: Arc::new(config),
             store,
             auth: Arc::new(auth),

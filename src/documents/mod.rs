@@ -8,6 +8,7 @@
 //! validates, and checks the rule; the row and its change-log entry are committed together and
 //! then published on the store's change feed. Realtime and function triggers consume that feed.
 
+pub mod cursor;
 pub mod patch;
 pub mod query;
 
@@ -23,12 +24,13 @@ use utoipa::ToSchema;
 use crate::config::DocumentsConfig;
 use crate::error::{ApiError, ApiResult};
 use crate::ids::new_id;
-use crate::rules::{AuthInfo, DocumentLookup, Pushdown, RequestInfo, Rule, RuleInput};
+use crate::rules::{AuthInfo, Evaluation, Pushdown, RequestInfo, Rule, RuleInput};
 use crate::store::docsql::is_index_safe_key;
 use crate::store::{
-    document_json, CollectionRow, DocumentRow, IndexSpec, PlannedWrite, Rejection, Scan, Store,
-    StoreError, WriteDecision, WriteOutcome,
+    document_json, CollectionRow, Decision, DocumentRow, Fetched, IndexSpec, PlannedWrite,
+    Rejection, Scan, Store, StoreError, WriteDecision, WriteOutcome,
 };
+use cursor::{CursorSeal, Resume};
 use query::{Cursor, Direction, Field, Filter, Op, Operand, Order, Query};
 
 /// How long a node trusts its cached copy of a collection's rules before re-reading it (a
@@ -288,13 +290,20 @@ impl Collection {
         }
     }
 
+    /// Checks `data` against the collection's JSON Schema. The error names where (the
+    /// instance path) and which keyword failed, never the value: after a merge the data holds
+    /// stored fields the caller may not be allowed to read.
     fn check_schema(&self, data: &Value) -> ApiResult<()> {
         if let Some(validator) = &self.schema {
             if let Err(e) = validator.validate(data) {
                 let path = e.instance_path().as_str().to_string();
+                let keyword = e.kind().keyword().to_string();
+                let shown = if path.is_empty() { "/" } else { path.as_str() };
                 return Err(ApiError::invalid_with(
-                    format!("data does not match the collection schema at `{path}`: {e}"),
-                    json!({"path": path}),
+                    format!(
+                        "data does not match the collection schema: `{keyword}` fails at `{shown}`"
+                    ),
+                    json!({"path": path, "keyword": keyword, "schema_path": e.schema_path().as_str()}),
                 ));
             }
         }
@@ -302,67 +311,66 @@ impl Collection {
     }
 }
 
-/// Whether `rule` lets `principal` do `method`. Admins and service keys always may; a missing
-/// rule denies; a rule that cannot be decided (a failed lookup) denies and is logged. The
-/// document (`resource`) and the written data are only built when the rule needs them.
-fn rule_allows(
-    rule: &Option<Rule>,
-    principal: &Principal,
-    resource: impl FnOnce() -> Option<Value>,
-    method: &str,
-    time: DateTime<Utc>,
-    data: impl FnOnce() -> Option<Value>,
-    lookup: &dyn DocumentLookup,
-) -> bool {
-    if matches!(principal, Principal::Privileged) {
-        return true;
+/// Why a check stopped short of a decision: an answer for the caller, or other documents
+/// (`get()`/`exists()` in a rule) that must be fetched before it can go on.
+enum Halt {
+    Api(ApiError),
+    Needs(Vec<(String, String)>),
+}
+
+impl From<ApiError> for Halt {
+    fn from(err: ApiError) -> Self {
+        Halt::Api(err)
     }
-    let Some(rule) = rule else { return false };
-    if let Some(constant) = rule.constant() {
-        return constant;
-    }
-    let input = RuleInput {
-        auth: principal.auth().cloned(),
-        resource: resource(),
-        request: RequestInfo {
-            method: method.into(),
-            time,
-            data: data(),
-        },
-    };
-    match rule.evaluate(&input, lookup) {
-        Ok(allowed) => allowed,
-        Err(err) => {
-            tracing::warn!(error = %err, rule = rule.source(), "rule could not be decided; denying");
-            false
+}
+
+/// Most documents one request keeps for the `get()`/`exists()` of its per-row rule checks.
+const MAX_CACHED_LOOKUPS: usize = 1000;
+
+/// Rule checks for one caller at one time, with the documents fetched for them so far.
+/// Admins and service keys always may; a missing rule denies; a rule that cannot be decided
+/// (too many lookups) denies and is logged.
+struct Judge<'a> {
+    principal: &'a Principal,
+    now: DateTime<Utc>,
+    fetched: &'a Fetched,
+}
+
+impl Judge<'_> {
+    /// Whether `rule` lets the caller do `method` on `resource` (the stored document), with
+    /// `data` the document as it would be after a write. `Err(Halt::Needs)` when the rule
+    /// reads documents not fetched yet.
+    fn allows(
+        &self,
+        rule: &Option<Rule>,
+        method: &str,
+        resource: Option<&DocumentRow>,
+        data: Option<&Value>,
+    ) -> Result<bool, Halt> {
+        if matches!(self.principal, Principal::Privileged) {
+            return Ok(true);
         }
-    }
-}
-
-/// Reads other documents for `get()`/`exists()` in rules. Rules are evaluated synchronously
-/// (sometimes inside a write transaction), so this blocks on the store in place.
-struct StoreLookup {
-    store: Arc<dyn Store>,
-    handle: tokio::runtime::Handle,
-}
-
-impl DocumentLookup for StoreLookup {
-    fn get(&self, collection: &str, id: &str) -> Result<Option<Value>, String> {
-        let store = self.store.clone();
-        let (c, i) = (collection.to_string(), id.to_string());
-        let fetch = move || {
-            self.handle
-                .block_on(async move { store.get_document(&c, &i).await })
+        let Some(rule) = rule else { return Ok(false) };
+        if let Some(constant) = rule.constant() {
+            return Ok(constant);
+        }
+        let input = RuleInput {
+            auth: self.principal.auth().cloned(),
+            resource: resource.map(document_json),
+            request: RequestInfo {
+                method: method.into(),
+                time: self.now,
+                data: data.cloned(),
+            },
         };
-        let found = match tokio::runtime::Handle::try_current() {
-            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(fetch)
+        match rule.evaluate_with(&input, self.fetched) {
+            Ok(Evaluation::Decided(allowed)) => Ok(allowed),
+            Ok(Evaluation::Needs(keys)) => Err(Halt::Needs(keys)),
+            Err(err) => {
+                tracing::warn!(error = %err, rule = rule.source(), "rule could not be decided; denying");
+                Ok(false)
             }
-            _ => fetch(),
-        };
-        found
-            .map(|d| d.as_ref().map(document_json))
-            .map_err(|e| e.to_string())
+        }
     }
 }
 
@@ -397,21 +405,70 @@ pub struct DocumentService {
     store: Arc<dyn Store>,
     config: DocumentsConfig,
     cache: Mutex<HashMap<String, (Instant, Arc<Collection>)>>,
+    cursors: CursorSeal,
 }
 
+/// The database key of the secret query cursors are sealed with (shared by all nodes).
+const CURSOR_SECRET_META: &str = "cursor_secret";
+
 impl DocumentService {
-    pub fn new(store: Arc<dyn Store>, config: DocumentsConfig) -> Self {
-        DocumentService {
+    /// Loads (or, on a new database, makes) the cursor secret.
+    pub async fn new(store: Arc<dyn Store>, config: DocumentsConfig) -> anyhow::Result<Self> {
+        let secret = store
+            .meta_put_if_absent(CURSOR_SECRET_META, &crate::ids::new_secret(64))
+            .await?;
+        Ok(DocumentService {
+            cursors: CursorSeal::new(secret.as_bytes())?,
             store,
             config,
             cache: Mutex::new(HashMap::new()),
-        }
+        })
     }
 
-    fn lookup(&self) -> StoreLookup {
-        StoreLookup {
-            store: self.store.clone(),
-            handle: tokio::runtime::Handle::current(),
+    /// Whether `rule` lets the caller `method` (`get` or `list`) the stored document `row`,
+    /// fetching what `get()`/`exists()` read from the store (after the scan: no connection is
+    /// held meanwhile). `cache` keeps fetched documents for the rest of the request.
+    async fn may_read(
+        &self,
+        rule: &Option<Rule>,
+        principal: &Principal,
+        method: &str,
+        row: Option<&DocumentRow>,
+        cache: &mut Fetched,
+    ) -> bool {
+        let now = Utc::now();
+        let mut fetched = Fetched::new();
+        loop {
+            let judge = Judge {
+                principal,
+                now,
+                fetched: &fetched,
+            };
+            match judge.allows(rule, method, row, None) {
+                Ok(allowed) => return allowed,
+                Err(Halt::Api(_)) => return false,
+                Err(Halt::Needs(keys)) => {
+                    for key in keys {
+                        let doc = match cache.get(&key) {
+                            Some(doc) => doc.clone(),
+                            None => match self.store.get_document(&key.0, &key.1).await {
+                                Ok(doc) => {
+                                    let doc = doc.as_ref().map(document_json);
+                                    if cache.len() < MAX_CACHED_LOOKUPS {
+                                        cache.insert(key.clone(), doc.clone());
+                                    }
+                                    doc
+                                }
+                                Err(err) => {
+                                    tracing::warn!(error = %err, "get()/exists() failed; denying");
+                                    return false;
+                                }
+                            },
+                        };
+                        fetched.insert(key, doc);
+                    }
+                }
+            }
         }
     }
 
@@ -501,16 +558,16 @@ impl DocumentService {
         let coll = self.collection(collection).await?;
         check_document_id(id).map_err(|_| ApiError::NotFound("document not found".into()))?;
         let doc = self.store.get_document(collection, id).await?;
-        let resource = || doc.as_ref().map(document_json);
-        if !rule_allows(
-            &coll.read,
-            principal,
-            resource,
-            "get",
-            Utc::now(),
-            || None,
-            &self.lookup(),
-        ) {
+        if !self
+            .may_read(
+                &coll.read,
+                principal,
+                "get",
+                doc.as_ref(),
+                &mut Fetched::new(),
+            )
+            .await
+        {
             return Err(ApiError::PermissionDenied(
                 "the read rule denies this".into(),
             ));
@@ -563,9 +620,33 @@ impl DocumentService {
             ReadPlan::Filter(f) => (and(query.filter.clone(), Some(f)), false),
             ReadPlan::PerRow(pre) => (and(query.filter.clone(), pre), true),
         };
-        let lookup = self.lookup();
+        let resume = query
+            .start_after
+            .as_deref()
+            .map(|token| self.cursors.open(token, collection, &query.order))
+            .transpose()?;
+        // Where the scan starts, and the last position the caller was shown (what a later
+        // cursor may fall back on without carrying anything the caller cannot read).
+        let (mut after, shown) = match resume {
+            None => (None, None),
+            Some(Resume::After(position)) => (Some(position.clone()), Some(position)),
+            Some(Resume::Anchor {
+                id,
+                version,
+                created_micros,
+                fallback,
+            }) => match self.store.get_document(collection, &id).await? {
+                Some(row)
+                    if row.version == version
+                        && row.created_at.timestamp_micros() == created_micros =>
+                {
+                    (Some(cursor_of(&query.order, &row)), fallback)
+                }
+                _ => (fallback.clone(), fallback),
+            },
+        };
+        let mut lookups = Fetched::new();
         let mut kept: Vec<DocumentRow> = Vec::new();
-        let mut after = query.after.clone();
         let mut examined = 0usize;
         let mut exhausted = false;
         let mut last_examined: Option<DocumentRow> = None;
@@ -593,15 +674,9 @@ impl DocumentService {
                 examined += 1;
                 after = Some(cursor_of(&query.order, &row));
                 let keep = !per_row
-                    || rule_allows(
-                        &coll.read,
-                        principal,
-                        || Some(document_json(&row)),
-                        "list",
-                        Utc::now(),
-                        || None,
-                        &lookup,
-                    );
+                    || self
+                        .may_read(&coll.read, principal, "list", Some(&row), &mut lookups)
+                        .await;
                 if keep {
                     kept.push(row.clone());
                 }
@@ -620,16 +695,26 @@ impl DocumentService {
         }
         let more = kept.len() > query.limit as usize;
         kept.truncate(query.limit as usize);
-        let next_cursor = if more {
-            kept.last().map(|d| query.cursor_after(&document_json(d)))
-        } else if !exhausted {
-            // Stopped at the row budget: continue after the last row examined, so no row is
-            // skipped and none is returned twice.
-            last_examined
-                .as_ref()
-                .map(|d| query.cursor_after(&document_json(d)))
-        } else {
-            None
+        let seal = |resume: Resume| self.cursors.seal(collection, &query.order, &resume);
+        let next_cursor = match (&last_examined, kept.last()) {
+            _ if more => kept
+                .last()
+                .map(|d| seal(Resume::After(cursor_of(&query.order, d)))),
+            _ if exhausted => None,
+            // Stopped at the row budget on a row the caller may read: an ordinary position.
+            (Some(last), Some(shown_last)) if last.id == shown_last.id => {
+                Some(seal(Resume::After(cursor_of(&query.order, last))))
+            }
+            // Stopped at the row budget on a row the caller may not read: the scan must go
+            // on after it (so nothing is skipped or repeated), but the cursor may not carry
+            // its values — an anchor (see `documents::cursor`).
+            (Some(last), shown_last) => Some(seal(Resume::Anchor {
+                id: last.id.clone(),
+                version: last.version,
+                created_micros: last.created_at.timestamp_micros(),
+                fallback: shown_last.map(|d| cursor_of(&query.order, d)).or(shown),
+            })),
+            (None, _) => None,
         };
         let count = if query.count {
             Some(if per_row {
@@ -683,7 +768,7 @@ impl DocumentService {
             field: Field::Id,
             direction: Direction::Asc,
         }];
-        let lookup = self.lookup();
+        let mut lookups = Fetched::new();
         let mut after: Option<Cursor> = None;
         loop {
             let rows = self
@@ -701,15 +786,9 @@ impl DocumentService {
                 .await?;
             for row in &rows {
                 if !per_row
-                    || rule_allows(
-                        &coll.read,
-                        principal,
-                        || Some(document_json(row)),
-                        "list",
-                        Utc::now(),
-                        || None,
-                        &lookup,
-                    )
+                    || self
+                        .may_read(&coll.read, principal, "list", Some(row), &mut lookups)
+                        .await
                 {
                     visit(row);
                 }
@@ -871,14 +950,22 @@ impl DocumentService {
         index: Option<usize>,
     ) -> PlannedWrite {
         let principal = principal.clone();
-        let lookup = self.lookup();
         let limits = self.config.clone();
         let collection = coll.row.name.clone();
         let decide = move |current: Option<&DocumentRow>,
-                           now: DateTime<Utc>|
-              -> Result<WriteDecision, Rejection> {
-            let result = decide_write(&coll, &principal, &lookup, &limits, current, now, kind, pre);
-            result.map_err(|e| Box::new(at_index(e, index)) as Rejection)
+                           now: DateTime<Utc>,
+                           fetched: &Fetched|
+              -> Result<Decision, Rejection> {
+            let judge = Judge {
+                principal: &principal,
+                now,
+                fetched,
+            };
+            match decide_write(&coll, &judge, &limits, current, now, &kind, pre) {
+                Ok(decision) => Ok(Decision::Write(decision)),
+                Err(Halt::Needs(keys)) => Ok(Decision::Needs(keys)),
+                Err(Halt::Api(e)) => Err(Box::new(at_index(e, index)) as Rejection),
+            }
         };
         PlannedWrite {
             collection,
@@ -1105,124 +1192,122 @@ fn at_index(err: ApiError, index: Option<usize>) -> ApiError {
     }
 }
 
-/// The heart of every write: preconditions, transforms, validation and the rule, decided on
-/// the current document inside the write transaction.
-#[allow(clippy::too_many_arguments)]
+/// The precondition a write fails, if any (`If-Match` / `if_version`, `If-None-Match: *`).
+fn failed_precondition(pre: Precondition, current: Option<&DocumentRow>) -> Option<ApiError> {
+    if let Some(expected) = pre.if_version {
+        match current {
+            Some(c) if c.version == expected => {}
+            Some(c) => {
+                return Some(ApiError::FailedPrecondition(format!(
+                    "version is {}, not {expected}",
+                    c.version
+                )))
+            }
+            None => {
+                return Some(ApiError::FailedPrecondition(format!(
+                    "the document does not exist (expected version {expected})"
+                )))
+            }
+        }
+    }
+    if pre.must_not_exist && current.is_some() {
+        return Some(ApiError::FailedPrecondition(
+            "the document already exists".into(),
+        ));
+    }
+    None
+}
+
+fn denied(method: &str) -> ApiError {
+    ApiError::PermissionDenied(format!("the {method} rule denies this"))
+}
+
+/// The heart of every write, decided on the current document inside the write transaction.
+///
+/// The order is the security property: nothing that depends on the stored document — that it
+/// exists or not (404, 409), its version (412), what a transform finds there — is answered
+/// before the write rule allowed the write, and each such answer is given only to a caller
+/// whose `read` rule admits the document (or, for a missing one, whose `read` rule admits a
+/// missing one, as `GET` answers 404 rather than 403); everyone else gets the very denial the
+/// rule gives, so a missing and an existing document look alike. Past the rule, the checks on
+/// the written document (depth, size, schema) name the limit, path and keyword, never a value.
 fn decide_write(
     coll: &Collection,
-    principal: &Principal,
-    lookup: &StoreLookup,
+    judge: &Judge<'_>,
     limits: &DocumentsConfig,
     current: Option<&DocumentRow>,
     now: DateTime<Utc>,
-    kind: WriteKind,
+    kind: &WriteKind,
     pre: Precondition,
-) -> ApiResult<WriteDecision> {
-    // `resource` is the stored document, built only when a rule reads it.
-    let svc_allowed = |rule: &Option<Rule>, method: &str, data: Option<Value>| {
-        rule_allows(
-            rule,
-            principal,
-            || current.map(document_json),
-            method,
-            now,
-            || data,
-            lookup,
-        )
+) -> Result<WriteDecision, Halt> {
+    let (rule, method) = match (kind, current) {
+        (WriteKind::Delete, _) => (&coll.delete, "delete"),
+        (WriteKind::Update(_), _) | (WriteKind::Set(_), Some(_)) => (&coll.update, "update"),
+        (WriteKind::Create(_), _) | (WriteKind::Set(_), None) => (&coll.create, "create"),
     };
-    // Preconditions are checked after the rule: a caller the rule refuses gets 403 and
-    // learns nothing about the document's version.
-    let check_preconditions = || -> ApiResult<()> {
-        if let Some(expected) = pre.if_version {
-            match current {
-                Some(c) if c.version == expected => {}
-                Some(c) => {
-                    return Err(ApiError::FailedPrecondition(format!(
-                        "version is {}, not {expected}",
-                        c.version
-                    )))
-                }
-                None => {
-                    return Err(ApiError::FailedPrecondition(format!(
-                        "the document does not exist (expected version {expected})"
-                    )))
-                }
-            }
+    // `err` depends on the stored document: shown only to a caller who may read it.
+    let reveal = |err: ApiError| -> Halt {
+        match judge.allows(&coll.read, "get", current, None) {
+            Ok(true) => Halt::Api(err),
+            Ok(false) => Halt::Api(denied(method)),
+            Err(halt) => halt,
         }
-        if pre.must_not_exist && current.is_some() {
-            return Err(ApiError::FailedPrecondition(
-                "the document already exists".into(),
-            ));
-        }
-        Ok(())
     };
-    let old_data = current.map(|c| &c.data);
-    let new_data = match kind {
-        WriteKind::Delete => {
-            if current.is_none() {
-                return Err(ApiError::NotFound("document not found".into()));
-            }
-            if !svc_allowed(&coll.delete, "delete", None) {
-                return Err(ApiError::PermissionDenied(
-                    "the delete rule denies this".into(),
-                ));
-            }
-            check_preconditions()?;
-            return Ok(WriteDecision::Delete);
+    // The caller's own input first: its errors describe only what the caller sent.
+    match kind {
+        WriteKind::Create(data) | WriteKind::Set(data) | WriteKind::Update(data) => {
+            patch::check_input(data, limits.max_depth, true)?
         }
-        WriteKind::Create(data) => {
-            if current.is_some() {
-                return Err(ApiError::AlreadyExists(
-                    "a document with this id already exists".into(),
-                ));
-            }
-            patch::check_input(&data, limits.max_depth, true)?;
-            patch::apply_set(&data, None, now)
+        WriteKind::Delete => {}
+    }
+    let new_data = match (kind, current) {
+        (WriteKind::Delete | WriteKind::Update(_), None) => {
+            return Err(reveal(ApiError::NotFound("document not found".into())))
         }
-        WriteKind::Set(data) => {
-            patch::check_input(&data, limits.max_depth, true)?;
-            patch::apply_set(&data, old_data, now)
+        (WriteKind::Create(_), Some(_)) => {
+            return Err(reveal(ApiError::AlreadyExists(
+                "a document with this id already exists".into(),
+            )))
         }
-        WriteKind::Update(patch_data) => {
-            let Some(old) = old_data else {
-                return Err(ApiError::NotFound("document not found".into()));
-            };
-            patch::check_input(&patch_data, limits.max_depth, true)?;
-            patch::apply_merge(old, &patch_data, now)
-        }
+        (WriteKind::Delete, Some(_)) => None,
+        (WriteKind::Create(data), None) => Some(patch::apply_set(data, None, now)),
+        (WriteKind::Set(data), _) => Some(patch::apply_set(data, current.map(|c| &c.data), now)),
+        (WriteKind::Update(data), Some(cur)) => Some(patch::apply_merge(&cur.data, data, now)),
+    };
+    // A transform that cannot apply (an overflowing `$increment`) says something about the
+    // stored value.
+    let new_data = new_data.transpose().map_err(reveal)?;
+    if !judge.allows(rule, method, current, new_data.as_ref())? {
+        return Err(denied(method).into());
+    }
+    if let Some(err) = failed_precondition(pre, current) {
+        return Err(reveal(err));
+    }
+    let Some(new_data) = new_data else {
+        return Ok(WriteDecision::Delete);
     };
     if patch::depth(&new_data) > limits.max_depth {
         return Err(ApiError::invalid_with(
-            format!("data is nested deeper than {} levels", limits.max_depth),
+            format!(
+                "data would be nested deeper than {} levels",
+                limits.max_depth
+            ),
             json!({"field": "data"}),
-        ));
+        )
+        .into());
     }
     let size = serde_json::to_vec(&new_data)
         .map(|v| v.len())
         .unwrap_or(usize::MAX);
     if size > limits.max_document_bytes {
+        // The size itself is not told: after a merge it measures the stored document.
         return Err(ApiError::PayloadTooLarge(format!(
-            "the document is {size} bytes; the limit is {}",
+            "the document would be larger than the limit of {} bytes",
             limits.max_document_bytes
-        )));
+        ))
+        .into());
     }
     coll.check_schema(&new_data)?;
-    let (rule, method) = if current.is_some() {
-        (&coll.update, "update")
-    } else {
-        (&coll.create, "create")
-    };
-    let written = if rule.as_ref().and_then(Rule::constant).is_some() {
-        None
-    } else {
-        Some(new_data.clone())
-    };
-    if !svc_allowed(rule, method, written) {
-        return Err(ApiError::PermissionDenied(format!(
-            "the {method} rule denies this"
-        )));
-    }
-    check_preconditions()?;
     Ok(WriteDecision::Put(new_data))
 }
 

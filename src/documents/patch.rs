@@ -119,14 +119,33 @@ fn check_transform(map: &Map<String, Value>, path: &str) -> Result<(), ApiError>
     }
 }
 
-/// Resolves the transforms in `value` against `old` (the stored value at the same place).
-fn resolve(value: &Value, old: Option<&Value>, now: DateTime<Utc>) -> Value {
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+/// Resolves the transforms in `value` (at `path`) against `old`, the stored value at the same
+/// place.
+fn resolve(
+    value: &Value,
+    old: Option<&Value>,
+    now: DateTime<Utc>,
+    path: &str,
+) -> Result<Value, ApiError> {
     match value {
         Value::Object(map) => {
             if let Some(name) = transform_of(map) {
                 let arg = &map[name];
-                return match name {
-                    "$increment" => increment(old, arg),
+                return Ok(match name {
+                    "$increment" => increment(old, arg).ok_or_else(|| {
+                        ApiError::invalid_with(
+                            format!("`$increment` at `{path}` would overflow"),
+                            json!({"field": path}),
+                        )
+                    })?,
                     "$serverTimestamp" => json!(now.to_rfc3339_opts(SecondsFormat::Micros, true)),
                     "$arrayUnion" => {
                         let mut items = old.and_then(Value::as_array).cloned().unwrap_or_default();
@@ -142,49 +161,59 @@ fn resolve(value: &Value, old: Option<&Value>, now: DateTime<Utc>) -> Value {
                         let items = old.and_then(Value::as_array).cloned().unwrap_or_default();
                         Value::Array(items.into_iter().filter(|x| !remove.contains(x)).collect())
                     }
-                };
+                });
             }
             let old_map = old.and_then(Value::as_object);
-            Value::Object(
-                map.iter()
-                    .map(|(k, v)| (k.clone(), resolve(v, old_map.and_then(|m| m.get(k)), now)))
-                    .collect(),
-            )
+            map.iter()
+                .map(|(k, v)| {
+                    resolve(v, old_map.and_then(|m| m.get(k)), now, &join(path, k))
+                        .map(|v| (k.clone(), v))
+                })
+                .collect::<Result<Map<_, _>, _>>()
+                .map(Value::Object)
         }
-        other => other.clone(),
+        other => Ok(other.clone()),
     }
 }
 
-/// `old + by`, keeping integers integral; a missing or non-numeric `old` counts as 0.
-fn increment(old: Option<&Value>, by: &Value) -> Value {
+/// `old + by`, keeping integers integral; a missing or non-numeric `old` counts as 0. `None`
+/// when the sum does not fit: past the 64-bit signed range for integers, not finite for
+/// floats (JSON has no infinity).
+fn increment(old: Option<&Value>, by: &Value) -> Option<Value> {
     let old = old.filter(|v| v.is_number());
-    match (old.and_then(Value::as_i64), by.as_i64()) {
-        (Some(a), Some(b)) => match a.checked_add(b) {
-            Some(sum) => json!(sum),
-            None => float(a as f64 + b as f64),
+    let integer = |v: &Value| {
+        v.as_i64()
+            .map(i128::from)
+            .or_else(|| v.as_u64().map(i128::from))
+    };
+    match (old, by) {
+        (None, by) => Some(by.clone()),
+        (Some(a), b) => match (integer(a), integer(b)) {
+            (Some(x), Some(y)) => {
+                // The sum stays within 64-bit signed integers, which both databases hold
+                // exactly.
+                i64::try_from(x + y).map(|n| json!(n)).ok()
+            }
+            _ => Number::from_f64(a.as_f64()? + b.as_f64()?).map(Value::Number),
         },
-        (None, Some(b)) if old.is_none() => json!(b),
-        _ => float(old.and_then(Value::as_f64).unwrap_or(0.0) + by.as_f64().unwrap_or(0.0)),
     }
-}
-
-fn float(f: f64) -> Value {
-    Number::from_f64(f)
-        .map(Value::Number)
-        .unwrap_or(Value::Null)
 }
 
 /// The data to store for a full write (create or replace): transforms resolved against the
 /// document being replaced, if any.
-pub fn apply_set(new: &Value, old: Option<&Value>, now: DateTime<Utc>) -> Value {
-    resolve(new, old, now)
+pub fn apply_set(new: &Value, old: Option<&Value>, now: DateTime<Utc>) -> Result<Value, ApiError> {
+    resolve(new, old, now, "")
 }
 
 /// JSON merge patch of `patch` onto `old`: objects merge key by key, `null` deletes, any
 /// other value (arrays included) replaces; transforms resolve against the old value.
-pub fn apply_merge(old: &Value, patch: &Value, now: DateTime<Utc>) -> Value {
+pub fn apply_merge(old: &Value, patch: &Value, now: DateTime<Utc>) -> Result<Value, ApiError> {
+    merge_at(old, patch, now, "")
+}
+
+fn merge_at(old: &Value, patch: &Value, now: DateTime<Utc>, path: &str) -> Result<Value, ApiError> {
     match (old, patch) {
-        (_, Value::Object(p)) if transform_of(p).is_some() => resolve(patch, Some(old), now),
+        (_, Value::Object(p)) if transform_of(p).is_some() => resolve(patch, Some(old), now, path),
         (Value::Object(o), Value::Object(p)) => {
             let mut out = o.clone();
             for (k, v) in p {
@@ -192,18 +221,16 @@ pub fn apply_merge(old: &Value, patch: &Value, now: DateTime<Utc>) -> Value {
                     out.remove(k);
                 } else {
                     let merged = match out.get(k) {
-                        Some(existing) => apply_merge(existing, v, now),
-                        None => apply_merge(&Value::Null, v, now),
+                        Some(existing) => merge_at(existing, v, now, &join(path, k))?,
+                        None => merge_at(&Value::Null, v, now, &join(path, k))?,
                     };
                     out.insert(k.clone(), merged);
                 }
             }
-            Value::Object(out)
+            Ok(Value::Object(out))
         }
-        (_, Value::Object(p)) => {
-            apply_merge(&Value::Object(Map::new()), &Value::Object(p.clone()), now)
-        }
-        (_, other) => other.clone(),
+        (_, Value::Object(_)) => merge_at(&Value::Object(Map::new()), patch, now, path),
+        (_, other) => Ok(other.clone()),
     }
 }
 
@@ -226,7 +253,7 @@ mod tests {
         let old = json!({"a": 1, "b": {"c": 2, "d": 3}, "n": 5, "tags": ["x"]});
         let patch = json!({"a": null, "b": {"c": null, "e": 4}, "n": {"$increment": 2},
                            "tags": {"$arrayUnion": ["x", "y"]}, "m": {"$increment": 1.5}});
-        let out = apply_merge(&old, &patch, now);
+        let out = apply_merge(&old, &patch, now).unwrap();
         assert_eq!(
             out,
             json!({"b": {"d": 3, "e": 4}, "n": 7, "tags": ["x", "y"], "m": 1.5})
@@ -235,9 +262,37 @@ mod tests {
             &out,
             &json!({"tags": {"$arrayRemove": ["x"]}, "s": {"$serverTimestamp": true}}),
             now,
-        );
+        )
+        .unwrap();
         assert_eq!(out["tags"], json!(["y"]));
         assert!(out["s"].as_str().unwrap().ends_with('Z'));
+    }
+
+    #[test]
+    fn increments_that_do_not_fit_are_errors_not_floats_or_nulls() {
+        let now = Utc::now();
+        let inc = |old: Value, by: Value| {
+            apply_merge(&json!({"n": old}), &json!({"n": {"$increment": by}}), now)
+                .map(|v| v["n"].clone())
+        };
+        assert_eq!(inc(json!(1), json!(2)).unwrap(), json!(3));
+        assert_eq!(inc(json!(1), json!(0.5)).unwrap(), json!(1.5));
+        assert_eq!(inc(json!("text"), json!(2)).unwrap(), json!(2));
+        assert_eq!(inc(json!(i64::MAX - 1), json!(1)).unwrap(), json!(i64::MAX));
+        assert_eq!(
+            inc(json!(i64::MIN + 1), json!(-1)).unwrap(),
+            json!(i64::MIN)
+        );
+        assert!(inc(json!(i64::MAX), json!(1)).is_err());
+        assert!(inc(json!(i64::MIN), json!(-1)).is_err());
+        assert!(inc(json!(u64::MAX), json!(1)).is_err());
+        assert!(inc(json!(1.7e308), json!(1.7e308)).is_err());
+        assert!(inc(json!(-1.7e308), json!(-1.7e308)).is_err());
+        let err = inc(json!(i64::MAX), json!(1)).unwrap_err().to_string();
+        assert!(
+            err.contains("`n`") && !err.contains("9223372036854775807"),
+            "{err}"
+        );
     }
 
     #[test]

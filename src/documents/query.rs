@@ -11,9 +11,7 @@
 //! - Order across types: missing < null < false < true < numbers < strings < arrays < objects;
 //!   strings by code point; `$id` is always the last tie-breaker.
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -179,7 +177,8 @@ pub struct Query {
     /// The requested order, always ending with `$id`.
     pub order: Vec<Order>,
     pub limit: u32,
-    pub after: Option<Cursor>,
+    /// The client's `start_after` cursor, still sealed (see `documents::cursor`).
+    pub start_after: Option<String>,
     pub select: Option<Vec<Field>>,
     pub count: bool,
 }
@@ -233,11 +232,6 @@ impl Query {
                 }
             },
         };
-        let after = req
-            .start_after
-            .as_deref()
-            .map(|c| decode_cursor(c, order.len() - 1))
-            .transpose()?;
         let select = req
             .select
             .map(|fields| {
@@ -257,55 +251,11 @@ impl Query {
             filter,
             order,
             limit,
-            after,
+            start_after: req.start_after,
             select,
             count: req.count,
         })
     }
-
-    /// The cursor that continues after `doc` in this query's order.
-    pub fn cursor_after(&self, doc: &Value) -> String {
-        let values: Vec<Value> = self
-            .order
-            .iter()
-            .filter(|o| o.field != Field::Id)
-            .map(|o| match o.field.get(doc) {
-                Some(v) => json!([v.into_owned()]),
-                None => json!([]),
-            })
-            .collect();
-        let raw = json!({"v": values, "id": doc["id"]});
-        URL_SAFE_NO_PAD.encode(raw.to_string())
-    }
-}
-
-fn decode_cursor(raw: &str, fields: usize) -> Result<Cursor, ApiError> {
-    let bad = || {
-        ApiError::invalid_with(
-            "start_after is not a cursor of this query",
-            json!({"field": "start_after"}),
-        )
-    };
-    let bytes = URL_SAFE_NO_PAD.decode(raw).map_err(|_| bad())?;
-    let value: Value = serde_json::from_slice(&bytes).map_err(|_| bad())?;
-    let id = value
-        .get("id")
-        .and_then(Value::as_str)
-        .ok_or_else(bad)?
-        .to_string();
-    let list = value.get("v").and_then(Value::as_array).ok_or_else(bad)?;
-    if list.len() != fields {
-        return Err(bad());
-    }
-    let values = list
-        .iter()
-        .map(|entry| match entry.as_array().map(Vec::as_slice) {
-            Some([]) => Ok(None),
-            Some([v]) => Ok(Some(v.clone())),
-            _ => Err(bad()),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Cursor { values, id })
 }
 
 fn parse_order(v: &Value) -> Result<Vec<Order>, ApiError> {
@@ -474,7 +424,7 @@ fn parse_clause(items: &[Value]) -> Result<Filter, ApiError> {
             Operand::Json(value)
         }
         Field::CreatedAt | Field::UpdatedAt => {
-            let parse = |v: &Value| -> Result<Value, ApiError> {
+            let time = |v: &Value| -> Result<DateTime<Utc>, ApiError> {
                 let s = v.as_str().ok_or_else(|| {
                     bad(
                         format!("`{}` compares with RFC 3339 times", f.name()),
@@ -482,11 +432,20 @@ fn parse_clause(items: &[Value]) -> Result<Filter, ApiError> {
                     )
                 })?;
                 let t = DateTime::parse_from_rfc3339(s)
-                    .map_err(|_| bad(format!("`{s}` is not an RFC 3339 time"), field))?;
-                Ok(json!(t
-                    .with_timezone(&Utc)
-                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)))
+                    .map_err(|_| bad(format!("`{s}` is not an RFC 3339 time"), field))?
+                    .with_timezone(&Utc);
+                // An offset can move a valid-looking time out of the years 0000–9999 that
+                // stored times (fixed-width RFC 3339 text) can be compared with.
+                if !(0..=9999).contains(&t.year()) {
+                    return Err(bad(
+                        format!("`{s}` is outside the years 0000 to 9999 in UTC"),
+                        field,
+                    ));
+                }
+                Ok(t)
             };
+            let text =
+                |t: DateTime<Utc>| json!(t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
             match op {
                 Op::Exists => Operand::Json(value),
                 Op::In | Op::NotIn => Operand::Json(Value::Array(
@@ -494,7 +453,7 @@ fn parse_clause(items: &[Value]) -> Result<Filter, ApiError> {
                         .as_array()
                         .expect("checked list")
                         .iter()
-                        .map(parse)
+                        .map(|v| time(v).map(text))
                         .collect::<Result<_, _>>()?,
                 )),
                 Op::ArrayContains | Op::ArrayContainsAny | Op::StartsWith => {
@@ -503,14 +462,7 @@ fn parse_clause(items: &[Value]) -> Result<Filter, ApiError> {
                         field,
                     ))
                 }
-                _ => {
-                    let t = parse(&value)?;
-                    Operand::Time(
-                        DateTime::parse_from_rfc3339(t.as_str().expect("string"))
-                            .expect("just formatted")
-                            .with_timezone(&Utc),
-                    )
-                }
+                _ => Operand::Time(time(&value)?),
             }
         }
     };
@@ -680,11 +632,13 @@ mod tests {
             json!({"where": ["a", "in", []]}),
             json!({"where": ["a", "<", [1]]}),
             json!({"where": ["$created_at", ">", "yesterday"]}),
+            json!({"where": ["$created_at", "<", "0000-01-01T00:00:00+01:00"]}),
+            json!({"where": ["$updated_at", ">", "9999-12-31T23:59:59-01:00"]}),
+            json!({"where": ["$updated_at", "in", ["9999-12-31T23:59:59-01:00"]]}),
             json!({"where": {"xor": []}}),
             json!({"limit": 0}),
             json!({"limit": 1001}),
             json!({"order_by": [["a", "sideways"]]}),
-            json!({"start_after": "garbage"}),
         ] {
             assert!(q(bad.clone()).is_err(), "{bad} was accepted");
         }

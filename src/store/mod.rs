@@ -317,10 +317,72 @@ pub enum WriteDecision {
 /// unchanged through [`StoreError::Rejected`].
 pub type Rejection = Box<dyn std::error::Error + Send + Sync>;
 
+/// Other documents a write's rules read (`get()`/`exists()`), fetched by the store inside
+/// the write's own transaction: by `(collection, id)`, the API form of the document
+/// ([`document_json`]) or `None` when it does not exist. The same shape as
+/// `rules::Fetched`.
+pub type Fetched = std::collections::HashMap<(String, String), Option<Value>>;
+
+/// What a write's check answers once it has seen the current document.
+#[derive(Debug, Clone)]
+pub enum Decision {
+    Write(WriteDecision),
+    /// The check needs these documents first: the store reads them on the transaction's own
+    /// connection (so they include the batch's earlier writes, and no second pooled
+    /// connection is awaited while this one is held), adds them to the [`Fetched`] map, and
+    /// asks again.
+    Needs(Vec<(String, String)>),
+}
+
+/// How many times one write's check may ask for more documents before the store gives up.
+pub const MAX_DECIDE_ROUNDS: usize = 16;
+
 /// Decides a write from the current document (read inside the write transaction, so nothing
-/// can change between the check and the write) and the transaction's time.
-pub type Decide =
-    Box<dyn FnOnce(Option<&DocumentRow>, DateTime<Utc>) -> Result<WriteDecision, Rejection> + Send>;
+/// can change between the check and the write), the transaction's time, and the other
+/// documents fetched for it so far. May be called several times (see [`Decision::Needs`]).
+pub type Decide = Box<
+    dyn FnMut(Option<&DocumentRow>, DateTime<Utc>, &Fetched) -> Result<Decision, Rejection> + Send,
+>;
+
+/// Runs one write's [`Decide`] to a decision, collecting the documents it asks for. Each
+/// dialect drives it with its own (sync or async) read on the write transaction:
+/// `loop { match l.step(..)? { Ok(d) => break d, Err(keys) => for k in keys { l.supply(k, read(k)?) } } }`.
+#[derive(Default)]
+pub(crate) struct DecideLoop {
+    fetched: Fetched,
+    rounds: usize,
+}
+
+impl DecideLoop {
+    /// The decision, or the documents to [`DecideLoop::supply`] before calling again.
+    pub(crate) fn step(
+        &mut self,
+        decide: &mut Decide,
+        current: Option<&DocumentRow>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Result<WriteDecision, Vec<(String, String)>>> {
+        match decide(current, now, &self.fetched).map_err(StoreError::Rejected)? {
+            Decision::Write(decision) => Ok(Ok(decision)),
+            Decision::Needs(keys) => {
+                self.rounds += 1;
+                let keys: Vec<_> = keys
+                    .into_iter()
+                    .filter(|k| !self.fetched.contains_key(k))
+                    .collect();
+                if keys.is_empty() || self.rounds > MAX_DECIDE_ROUNDS {
+                    return Err(StoreError::internal(anyhow::anyhow!(
+                        "a write's check kept asking for documents"
+                    )));
+                }
+                Ok(Err(keys))
+            }
+        }
+    }
+
+    pub(crate) fn supply(&mut self, key: (String, String), doc: Option<&DocumentRow>) {
+        self.fetched.insert(key, doc.map(document_json));
+    }
+}
 
 pub struct PlannedWrite {
     pub collection: String,

@@ -12,8 +12,9 @@ use crate::store::docsql::{
     aggregate_sql, create_index_sql, scan_where, Bind, Dialect, SqlBuilder,
 };
 use crate::store::{
-    index_prefix, plan_row_write, ChangeRow, CollectionRow, DocumentRow, DocumentStore, IndexSpec,
-    NumericAggregates, PlannedWrite, RowWrite, Scan, StoreError, StoreResult, WriteOutcome,
+    index_prefix, plan_row_write, ChangeRow, CollectionRow, DecideLoop, DocumentRow, DocumentStore,
+    IndexSpec, NumericAggregates, PlannedWrite, RowWrite, Scan, StoreError, StoreResult,
+    WriteOutcome,
 };
 
 const DOC_COLUMNS: &str = "collection, id, data, version, created_at, updated_at";
@@ -91,6 +92,27 @@ async fn create_indexes(
         }
     }
     Ok(())
+}
+
+/// The current document inside a write transaction (its rows are already locked by the
+/// advisory locks, or not written by this batch).
+async fn read_document(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    collection: &str,
+    id: &str,
+) -> StoreResult<Option<DocumentRow>> {
+    sqlx::query(&format!(
+        "SELECT {DOC_COLUMNS} FROM documents WHERE collection = $1 AND id = $2"
+    ))
+    .bind(collection)
+    .bind(id)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(map_err)?
+    .as_ref()
+    .map(document_from_row)
+    .transpose()
+    .map_err(map_err)
 }
 
 #[async_trait]
@@ -182,29 +204,39 @@ impl DocumentStore for PgStore {
     async fn apply_writes(&self, writes: Vec<PlannedWrite>) -> StoreResult<Vec<WriteOutcome>> {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
         let now: DateTime<Utc> = Utc::now();
+        // Serialise writers of each document, including creators of a missing one (the
+        // advisory lock covers the id before the row exists). All of a batch's locks are
+        // taken at once, in one order, so two batches naming the same documents in opposite
+        // orders queue behind each other instead of deadlocking.
+        let keys: Vec<String> = writes
+            .iter()
+            .map(|w| format!("{}/{}", w.collection, w.id))
+            .collect();
+        sqlx::query(
+            "SELECT count(pg_advisory_xact_lock(h)) FROM (
+                 SELECT DISTINCT hashtextextended(k, 0) AS h FROM unnest($1::text[]) AS k ORDER BY h
+             ) AS locks",
+        )
+        .bind(&keys)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
         let mut outcomes = Vec::with_capacity(writes.len());
         for w in writes {
-            // Serialise writers of one document, including creators of a missing one: the
-            // advisory lock covers the id before the row exists.
-            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2, 0))")
-                .bind(&w.collection)
-                .bind(&w.id)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
-            let current = sqlx::query(&format!(
-                "SELECT {DOC_COLUMNS} FROM documents WHERE collection = $1 AND id = $2 FOR UPDATE"
-            ))
-            .bind(&w.collection)
-            .bind(&w.id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(map_err)?
-            .as_ref()
-            .map(document_from_row)
-            .transpose()
-            .map_err(map_err)?;
-            let decision = (w.decide)(current.as_ref(), now).map_err(StoreError::Rejected)?;
+            let current = read_document(&mut tx, &w.collection, &w.id).await?;
+            let mut decide = w.decide;
+            let mut rounds = DecideLoop::default();
+            let decision = loop {
+                match rounds.step(&mut decide, current.as_ref(), now)? {
+                    Ok(decision) => break decision,
+                    Err(keys) => {
+                        for (collection, id) in keys {
+                            let doc = read_document(&mut tx, &collection, &id).await?;
+                            rounds.supply((collection, id), doc.as_ref());
+                        }
+                    }
+                }
+            };
             let (write, change) =
                 plan_row_write(w.collection, w.id, decision, current.as_ref(), now)?;
             let statement = match &write {

@@ -13,7 +13,7 @@ use crate::store::docsql::{
 };
 use crate::store::index_prefix;
 use crate::store::{
-    plan_row_write, ChangeRow, CollectionRow, DocumentRow, DocumentStore, IndexSpec,
+    plan_row_write, ChangeRow, CollectionRow, DecideLoop, DocumentRow, DocumentStore, IndexSpec,
     NumericAggregates, PlannedWrite, RowWrite, Scan, StoreError, StoreResult, WriteOutcome,
 };
 
@@ -296,7 +296,19 @@ impl DocumentStore for SqliteStore {
             let mut outcomes = Vec::with_capacity(writes.len());
             for w in writes {
                 let current = read_document(tx, &w.collection, &w.id)?;
-                let decision = (w.decide)(current.as_ref(), now).map_err(StoreError::Rejected)?;
+                let mut decide = w.decide;
+                let mut rounds = DecideLoop::default();
+                let decision = loop {
+                    match rounds.step(&mut decide, current.as_ref(), now)? {
+                        Ok(decision) => break decision,
+                        Err(keys) => {
+                            for (collection, id) in keys {
+                                let doc = read_document(tx, &collection, &id)?;
+                                rounds.supply((collection, id), doc.as_ref());
+                            }
+                        }
+                    }
+                };
                 let (write, change) =
                     plan_row_write(w.collection, w.id, decision, current.as_ref(), now)?;
                 match &write {
@@ -458,7 +470,7 @@ mod tests {
     use super::*;
     use crate::documents::query::{Query, QueryRequest};
     use crate::store::sqlite::SqliteStore;
-    use crate::store::{CollectionRow, PlannedWrite, WriteDecision};
+    use crate::store::{CollectionRow, Decision, PlannedWrite, WriteDecision};
     use serde_json::json;
 
     async fn plan_of(
@@ -525,12 +537,12 @@ mod tests {
             .map(|i| PlannedWrite {
                 collection: "posts".into(),
                 id: format!("{:020}", (i * 7919) % 2003),
-                decide: Box::new(move |_, _| {
+                decide: Box::new(move |_, _, _| {
                     let tag = ["a", "b", "c"][i % 3];
                     let owner = format!("u{}", i % 100);
-                    Ok(WriteDecision::Put(
+                    Ok(Decision::Write(WriteDecision::Put(
                         json!({"n": i, "tag": tag, "owner": owner}),
-                    ))
+                    )))
                 }),
             })
             .collect();
