@@ -1245,6 +1245,14 @@ fn decide_write(
         (WriteKind::Update(_), _) | (WriteKind::Set(_), Some(_)) => (&coll.update, "update"),
         (WriteKind::Create(_), _) | (WriteKind::Set(_), None) => (&coll.create, "create"),
     };
+    // A replace is a create or an update depending on whether the document exists; its
+    // denial must not say which.
+    let denied = |method: &str| match kind {
+        WriteKind::Set(_) => {
+            ApiError::PermissionDenied("the create or update rule denies this".into())
+        }
+        _ => denied(method),
+    };
     // `err` depends on the stored document: shown only to a caller who may read it.
     let reveal = |err: ApiError| -> Halt {
         match judge.allows(&coll.read, "get", current, None) {
