@@ -40,6 +40,8 @@ const COLLECTION_CACHE_TTL: Duration = Duration::from_secs(2);
 /// page ends early with a cursor to continue from.
 const MAX_ROWS_EXAMINED: usize = 5000;
 pub const MAX_BATCH_WRITES: usize = 500;
+/// Deepest JSON Schema a collection may declare.
+const MAX_SCHEMA_DEPTH: usize = 64;
 
 /// Who is asking, as the document layer sees it.
 #[derive(Debug, Clone)]
@@ -254,6 +256,14 @@ fn compile_collection(row: CollectionRow) -> ApiResult<Collection> {
         .schema
         .as_ref()
         .map(|s| {
+            // Compiling walks the schema recursively: a bound keeps a hostile one from
+            // overflowing the stack. Real schemas are a few levels deep.
+            if patch::depth(s) > MAX_SCHEMA_DEPTH {
+                return Err(ApiError::invalid_with(
+                    format!("schema is nested deeper than {MAX_SCHEMA_DEPTH} levels"),
+                    json!({"field": "schema"}),
+                ));
+            }
             jsonschema::validator_for(s).map_err(|e| {
                 ApiError::invalid_with(
                     format!("schema is not a valid JSON Schema: {e}"),

@@ -20,6 +20,7 @@ store_tests!(
     rule_lookups_in_a_batch_see_its_earlier_writes,
     out_of_range_times_are_a_bad_request_not_a_dropped_connection,
     increments_that_overflow_are_refused,
+    hostile_schemas_are_refused_or_harmless,
 );
 
 /// Values planted in the stored documents; no answer to a refused caller may contain them.
@@ -691,4 +692,72 @@ async fn increments_that_overflow_are_refused(backend: Backend) {
     let doc = app.get("/v1/db/counters/c", Some(&alice_token)).await;
     assert_eq!(doc.assert_ok()["data"]["n"], json!(i64::MAX));
     assert_eq!(doc.body["version"], 2);
+}
+
+async fn hostile_schemas_are_refused_or_harmless(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let admin = app.admin_token().await;
+    let put = |schema: Value| {
+        let app = &app;
+        let admin = admin.clone();
+        async move {
+            app.send(
+                Method::PUT,
+                "/v1/admin/collections/shaped",
+                Some(&admin),
+                Some(json!({"rules": {"read": "true", "create": "true"}, "schema": schema})),
+            )
+            .await
+        }
+    };
+    // Deeper than any real schema (and than serde's own limit of 128 for the body).
+    for depth in [65, 120, 1000] {
+        let deep = (0..depth).fold(
+            json!({"type": "object"}),
+            |acc, _| json!({"properties": {"a": acc}}),
+        );
+        let reply = put(deep).await;
+        assert_eq!(reply.status, 400, "depth {depth}: {}", reply.text);
+    }
+    // Deep but within the bound: compiles, and validates a document.
+    let deep = (0..30).fold(
+        json!({"type": "object"}),
+        |acc, _| json!({"properties": {"a": acc}}),
+    );
+    put(deep).await.assert_ok();
+    app.post("/v1/db/shaped", None, json!({"data": {"a": {"a": 1}}}))
+        .await
+        .assert_ok();
+    // A body far deeper than anything parses to a 400 (built as text: a value this deep
+    // would overflow the test's own stack when dropped).
+    let body = format!(
+        "{{\"rules\": {{}}, \"schema\": {}1{}}}",
+        "{\"a\": ".repeat(100_000),
+        "}".repeat(100_000)
+    );
+    let raw = app
+        .client
+        .put(app.url("/v1/admin/collections/shaped"))
+        .bearer_auth(&admin)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    TestApp::reply(raw)
+        .await
+        .assert_error(400, "invalid_argument");
+    // A schema that refers to itself validates a document as deep as documents may be.
+    put(json!({"type": "object", "properties": {"a": {"$ref": "#"}}}))
+        .await
+        .assert_ok();
+    let deep_doc = (0..31).fold(json!({}), |acc, _| json!({"a": acc}));
+    app.post("/v1/db/shaped", None, json!({"data": deep_doc}))
+        .await
+        .assert_ok();
+    let bad = (0..30).fold(json!({"a": 1}), |acc, _| json!({"a": acc}));
+    app.post("/v1/db/shaped", None, json!({"data": bad}))
+        .await
+        .assert_error(400, "invalid_argument");
+    assert_eq!(app.get("/health", None).await.status, 200);
 }
