@@ -177,4 +177,10 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<crate::query::QueryError> for ApiError {
+    fn from(err: crate::query::QueryError) -> Self {
+        ApiError::invalid_with(err.message, serde_json::json!({"field": err.field}))
+    }
+}
+
 pub type ApiResult<T> = Result<T, ApiError>;

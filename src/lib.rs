@@ -10,6 +10,7 @@ pub mod documents;
 pub mod error;
 pub mod http;
 pub mod ids;
+pub mod query;
 pub mod rules;
 pub mod store;
 pub mod telemetry;

@@ -23,8 +23,8 @@ use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use serde_json::{json, Value};
 
-use super::query::{Cursor, Direction, Field, Order};
 use crate::error::ApiError;
+use crate::query::{Cursor, Direction, Field, Order};
 
 /// Wide enough for any document id (≤ 128 bytes) and two 64-bit integers, with separators.
 const ANCHOR_WIDTH: usize = 176;

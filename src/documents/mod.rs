@@ -10,7 +10,6 @@
 
 pub mod cursor;
 pub mod patch;
-pub mod query;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -24,6 +23,7 @@ use utoipa::ToSchema;
 use crate::config::DocumentsConfig;
 use crate::error::{ApiError, ApiResult};
 use crate::ids::new_id;
+use crate::query::{self, Cursor, Direction, Field, Filter, Op, Operand, Order, Query};
 use crate::rules::{AuthInfo, Evaluation, Pushdown, RequestInfo, Rule, RuleInput};
 use crate::store::docsql::is_index_safe_key;
 use crate::store::{
@@ -31,7 +31,6 @@ use crate::store::{
     Rejection, Scan, Store, StoreError, WriteDecision, WriteOutcome,
 };
 use cursor::{CursorSeal, Resume};
-use query::{Cursor, Direction, Field, Filter, Op, Operand, Order, Query};
 
 /// How long a node trusts its cached copy of a collection's rules before re-reading it (a
 /// change made on this node applies at once; one made on another node within this time).
@@ -1397,7 +1396,7 @@ fn parse_aggregations(aggs: &Map<String, Value>) -> ApiResult<Vec<(String, Aggre
             };
             let obj = spec.as_object().filter(|o| o.len() == 1).ok_or_else(bad)?;
             let (kind, arg) = obj.iter().next().expect("one entry");
-            let field = || -> ApiResult<Field> { Field::parse(arg.as_str().ok_or_else(bad)?) };
+            let field = || -> ApiResult<Field> { Ok(Field::parse(arg.as_str().ok_or_else(bad)?)?) };
             let agg = match kind.as_str() {
                 "count" => Aggregation::Count,
                 "sum" => Aggregation::Sum(field()?),

@@ -12,13 +12,13 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::app::AppState;
-use crate::documents::query::{parse_where, Query, QueryRequest};
 use crate::documents::{
     BatchWrite, CollectionSpec, CollectionView, Document, Precondition, Principal, QueryResult,
     WriteKind,
 };
 use crate::error::{ApiError, ApiResult};
 use crate::http::extract::{AdminCaller, Caller, Json};
+use crate::query::{parse_where, Query, QueryRequest};
 use crate::rules::AuthInfo;
 
 pub fn router() -> OpenApiRouter<AppState> {

@@ -1,4 +1,4 @@
-//! Translates the document query AST (`documents::query`) into SQL for SQLite or PostgreSQL.
+//! Translates the document query AST (`crate::query`) into SQL for SQLite or PostgreSQL.
 //! Every value and every field path from a request is a bound parameter. The one exception is
 //! a path the collection declared an index on (validated at `PUT` to `[A-Za-z0-9_-]` keys):
 //! it is written as the same literal the index was created with, because both databases only
@@ -7,7 +7,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use crate::documents::query::{type_rank, Cursor, Direction, Field, Filter, Op, Operand, Order};
+use crate::query::{type_rank, Cursor, Direction, Field, Filter, Op, Operand, Order};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {
@@ -421,7 +421,7 @@ impl<'a> SqlBuilder<'a> {
         }
     }
 
-    /// The cross-type rank expression of a data path (see `documents::query::type_rank`).
+    /// The cross-type rank expression of a data path (see `query::type_rank`).
     fn rank(&self, e: &PathExprs) -> String {
         match self.dialect {
             Dialect::Sqlite => format!(

@@ -401,9 +401,9 @@ pub struct WriteOutcome {
 /// request's `where` with any rule filter), an order ending in `$id`, a start position.
 pub struct Scan<'a> {
     pub collection: &'a str,
-    pub filter: Option<&'a crate::documents::query::Filter>,
-    pub order: &'a [crate::documents::query::Order],
-    pub after: Option<&'a crate::documents::query::Cursor>,
+    pub filter: Option<&'a crate::query::Filter>,
+    pub order: &'a [crate::query::Order],
+    pub after: Option<&'a crate::query::Cursor>,
     pub limit: u32,
     /// Paths with a declared index, so their SQL matches the index expression.
     pub indexed: &'a [Vec<String>],

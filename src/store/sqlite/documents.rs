@@ -7,7 +7,7 @@ use rusqlite::{params, params_from_iter, OptionalExtension, Row, Transaction};
 use serde_json::Value;
 
 use super::{map_err, parse_ts, ts, SqliteStore};
-use crate::documents::query::{Direction, Field, Filter, Op, Operand};
+use crate::query::{Direction, Field, Filter, Op, Operand};
 use crate::store::docsql::{
     aggregate_sql, create_index_sql, scan_where, Bind, Dialect, SqlBuilder,
 };
@@ -468,7 +468,7 @@ mod tests {
     //! the planner's statistics say (benchmarks found a primary-key scan at 100k documents).
 
     use super::*;
-    use crate::documents::query::{Query, QueryRequest};
+    use crate::query::{Query, QueryRequest};
     use crate::store::sqlite::SqliteStore;
     use crate::store::{CollectionRow, Decision, PlannedWrite, WriteDecision};
     use serde_json::json;

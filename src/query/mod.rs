@@ -1,6 +1,8 @@
 //! The query language of `_query` and `_aggregate` (API.md § Documents): parsing the JSON
-//! `where` tree, `order_by`, `limit`, cursors and `select` into a validated AST. The AST is
-//! dialect-neutral; `store::docsql` turns it into SQL with every request value bound.
+//! `where` tree, `order_by`, `limit`, cursors and `select` into a validated AST, and matching
+//! documents against it in memory. The AST is dialect-neutral and belongs to no domain: the
+//! store turns it into SQL (`store::docsql`, every request value bound), documents parse and
+//! run queries with it, and realtime matches changes against subscriptions with [`matches`].
 //!
 //! Semantics, shared by both databases:
 //! - `==`, `<`, `<=`, `>`, `>=`, `in`, `array-contains(-any)` match values of the same JSON type
@@ -15,8 +17,6 @@ use chrono::{DateTime, Datelike, Utc};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::error::ApiError;
-
 pub const DEFAULT_LIMIT: u32 = 50;
 pub const MAX_LIMIT: u32 = 1000;
 const MAX_CLAUSES: usize = 100;
@@ -25,6 +25,24 @@ const MAX_LIST: usize = 100;
 const MAX_PATH_DEPTH: usize = 32;
 
 /// Which part of a document a clause or an order addresses.
+/// A query that cannot be run: what is wrong, and the field it is about (answered as 400 with
+/// `details.field`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct QueryError {
+    pub message: String,
+    pub field: String,
+}
+
+impl QueryError {
+    fn new(message: impl Into<String>, field: impl AsRef<str>) -> Self {
+        QueryError {
+            message: message.into(),
+            field: field.as_ref().to_string(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Field {
     Id,
@@ -35,16 +53,14 @@ pub enum Field {
 }
 
 impl Field {
-    pub fn parse(raw: &str) -> Result<Field, ApiError> {
+    pub fn parse(raw: &str) -> Result<Field, QueryError> {
         match raw {
             "$id" => return Ok(Field::Id),
             "$created_at" => return Ok(Field::CreatedAt),
             "$updated_at" => return Ok(Field::UpdatedAt),
             _ => {}
         }
-        let bad = |why: &str| {
-            ApiError::invalid_with(format!("field `{raw}` {why}"), json!({"field": raw}))
-        };
+        let bad = |why: &str| QueryError::new(format!("field `{raw}` {why}"), raw);
         if raw.is_empty() {
             return Err(bad("is empty"));
         }
@@ -203,7 +219,7 @@ pub struct QueryRequest {
 }
 
 impl Query {
-    pub fn parse(req: QueryRequest) -> Result<Query, ApiError> {
+    pub fn parse(req: QueryRequest) -> Result<Query, QueryError> {
         let filter = req.where_.as_ref().map(parse_where).transpose()?.flatten();
         let mut order = match &req.order_by {
             None | Some(Value::Null) => Vec::new(),
@@ -215,9 +231,9 @@ impl Query {
                 direction: Direction::Asc,
             });
         } else if order.last().map(|o| &o.field) != Some(&Field::Id) {
-            return Err(ApiError::invalid_with(
+            return Err(QueryError::new(
                 "`$id` can only be the last order_by field",
-                json!({"field": "order_by"}),
+                "order_by",
             ));
         }
         let limit = match &req.limit {
@@ -225,9 +241,9 @@ impl Query {
             Some(v) => match v.as_u64() {
                 Some(n) if (1..=MAX_LIMIT as u64).contains(&n) => n as u32,
                 _ => {
-                    return Err(ApiError::invalid_with(
+                    return Err(QueryError::new(
                         format!("limit must be an integer from 1 to {MAX_LIMIT}"),
-                        json!({"field": "limit"}),
+                        "limit",
                     ))
                 }
             },
@@ -239,9 +255,9 @@ impl Query {
                     .iter()
                     .map(|f| match Field::parse(f)? {
                         Field::Data(p) => Ok(Field::Data(p)),
-                        _ => Err(ApiError::invalid_with(
+                        _ => Err(QueryError::new(
                             "select lists data fields; id and times are always returned",
-                            json!({"field": f}),
+                            f,
                         )),
                     })
                     .collect::<Result<Vec<_>, _>>()
@@ -258,8 +274,8 @@ impl Query {
     }
 }
 
-fn parse_order(v: &Value) -> Result<Vec<Order>, ApiError> {
-    let bad = |msg: &str| ApiError::invalid_with(msg.to_string(), json!({"field": "order_by"}));
+fn parse_order(v: &Value) -> Result<Vec<Order>, QueryError> {
+    let bad = |msg: &str| QueryError::new(msg.to_string(), "order_by");
     let list = v
         .as_array()
         .ok_or_else(|| bad("order_by must be a list of [field, \"asc\"|\"desc\"]"))?;
@@ -293,27 +309,21 @@ fn parse_order(v: &Value) -> Result<Vec<Order>, ApiError> {
 
 /// Parses a `where` value: a clause, `{"and": [...]}`, `{"or": [...]}`, or a list (AND).
 /// `None` when it imposes nothing (an empty list).
-pub fn parse_where(v: &Value) -> Result<Option<Filter>, ApiError> {
+pub fn parse_where(v: &Value) -> Result<Option<Filter>, QueryError> {
     let mut clauses = 0;
     parse_node(v, 0, &mut clauses)
 }
 
-fn parse_node(v: &Value, depth: usize, clauses: &mut usize) -> Result<Option<Filter>, ApiError> {
+fn parse_node(v: &Value, depth: usize, clauses: &mut usize) -> Result<Option<Filter>, QueryError> {
     if depth > MAX_NESTING {
-        return Err(ApiError::invalid_with(
-            "where is nested too deeply",
-            json!({"field": "where"}),
-        ));
+        return Err(QueryError::new("where is nested too deeply", "where"));
     }
     match v {
         Value::Null => Ok(None),
         Value::Array(items) if items.first().is_some_and(Value::is_string) => {
             *clauses += 1;
             if *clauses > MAX_CLAUSES {
-                return Err(ApiError::invalid_with(
-                    format!("where has more than {MAX_CLAUSES} clauses"),
-                    json!({"field": "where"}),
-                ));
+                return Err(QueryError::new(format!("where has more than {MAX_CLAUSES} clauses"), "where"));
             }
             parse_clause(items).map(Some)
         }
@@ -327,7 +337,7 @@ fn parse_node(v: &Value, depth: usize, clauses: &mut usize) -> Result<Option<Fil
         Value::Object(map) if map.len() == 1 && (map.contains_key("and") || map.contains_key("or")) => {
             let (key, items) = map.iter().next().expect("one entry");
             let items = items.as_array().ok_or_else(|| {
-                ApiError::invalid_with(format!("`{key}` takes a list"), json!({"field": "where"}))
+                QueryError::new(format!("`{key}` takes a list"), "where")
             })?;
             let parts = items
                 .iter()
@@ -336,17 +346,14 @@ fn parse_node(v: &Value, depth: usize, clauses: &mut usize) -> Result<Option<Fil
             let parts: Vec<Filter> = parts.into_iter().flatten().collect();
             if key == "or" {
                 if parts.is_empty() {
-                    return Err(ApiError::invalid_with("`or` needs at least one condition", json!({"field": "where"})));
+                    return Err(QueryError::new("`or` needs at least one condition", "where"));
                 }
                 Ok(combine(parts, Filter::Or))
             } else {
                 Ok(combine(parts, Filter::And))
             }
         }
-        _ => Err(ApiError::invalid_with(
-            "where must be a clause [field, op, value], {\"and\": [...]}, {\"or\": [...]} or a list",
-            json!({"field": "where"}),
-        )),
+        _ => Err(QueryError::new("where must be a clause [field, op, value], {\"and\": [...]}, {\"or\": [...]} or a list", "where")),
     }
 }
 
@@ -358,8 +365,8 @@ fn combine(mut parts: Vec<Filter>, make: fn(Vec<Filter>) -> Filter) -> Option<Fi
     }
 }
 
-fn parse_clause(items: &[Value]) -> Result<Filter, ApiError> {
-    let bad = |msg: String, field: &str| ApiError::invalid_with(msg, json!({"field": field}));
+fn parse_clause(items: &[Value]) -> Result<Filter, QueryError> {
+    let bad = |msg: String, field: &str| QueryError::new(msg, field);
     let [Value::String(field), Value::String(op), value] = items else {
         return Err(bad("a clause is [field, op, value]".into(), "where"));
     };
@@ -376,7 +383,7 @@ fn parse_clause(items: &[Value]) -> Result<Filter, ApiError> {
             field,
         )
     })?;
-    let list = |v: &Value| -> Result<Vec<Value>, ApiError> {
+    let list = |v: &Value| -> Result<Vec<Value>, QueryError> {
         let list = v
             .as_array()
             .ok_or_else(|| bad(format!("`{}` takes a list of values", op_name(op)), field))?;
@@ -424,7 +431,7 @@ fn parse_clause(items: &[Value]) -> Result<Filter, ApiError> {
             Operand::Json(value)
         }
         Field::CreatedAt | Field::UpdatedAt => {
-            let time = |v: &Value| -> Result<DateTime<Utc>, ApiError> {
+            let time = |v: &Value| -> Result<DateTime<Utc>, QueryError> {
                 let s = v.as_str().ok_or_else(|| {
                     bad(
                         format!("`{}` compares with RFC 3339 times", f.name()),
@@ -603,7 +610,7 @@ pub fn matches(filter: &Filter, doc: &Value) -> bool {
 mod tests {
     use super::*;
 
-    fn q(v: Value) -> Result<Query, ApiError> {
+    fn q(v: Value) -> Result<Query, QueryError> {
         Query::parse(serde_json::from_value(v).unwrap())
     }
 
