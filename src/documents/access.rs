@@ -1,0 +1,157 @@
+//! Access: the collection rules applied to one caller — the write-time [`Judge`] (which
+//! asks the store for the documents `get()`/`exists()` need), the read check with lookups
+//! fetched asynchronously, and how a `read` rule restricts a scan (pushdown). Realtime will
+//! apply the same checks to each change it delivers.
+
+use super::*;
+
+/// Why a check stopped short of a decision: an answer for the caller, or other documents
+/// (`get()`/`exists()` in a rule) that must be fetched before it can go on.
+pub(super) enum Halt {
+    Api(ApiError),
+    Needs(Vec<(String, String)>),
+}
+
+impl From<ApiError> for Halt {
+    fn from(err: ApiError) -> Self {
+        Halt::Api(err)
+    }
+}
+
+/// Most documents one request keeps for the `get()`/`exists()` of its per-row rule checks.
+const MAX_CACHED_LOOKUPS: usize = 1000;
+
+/// Rule checks for one caller at one time, with the documents fetched for them so far.
+/// Admins and service keys always may; a missing rule denies; a rule that cannot be decided
+/// (too many lookups) denies and is logged.
+pub(super) struct Judge<'a> {
+    pub(super) principal: &'a Principal,
+    pub(super) now: DateTime<Utc>,
+    pub(super) fetched: &'a Fetched,
+}
+
+impl Judge<'_> {
+    /// Whether `rule` lets the caller do `method` on `resource` (the stored document), with
+    /// `data` the document as it would be after a write. `Err(Halt::Needs)` when the rule
+    /// reads documents not fetched yet.
+    pub(super) fn allows(
+        &self,
+        rule: &Option<Rule>,
+        method: &str,
+        resource: Option<&DocumentRow>,
+        data: Option<&Value>,
+    ) -> Result<bool, Halt> {
+        if matches!(self.principal, Principal::Privileged) {
+            return Ok(true);
+        }
+        let Some(rule) = rule else { return Ok(false) };
+        if let Some(constant) = rule.constant() {
+            return Ok(constant);
+        }
+        let input = RuleInput {
+            auth: self.principal.auth().cloned(),
+            resource: resource.map(document_json),
+            request: RequestInfo {
+                method: method.into(),
+                time: self.now,
+                data: data.cloned(),
+            },
+        };
+        match rule.evaluate_with(&input, self.fetched) {
+            Ok(Evaluation::Decided(allowed)) => Ok(allowed),
+            Ok(Evaluation::Needs(keys)) => Err(Halt::Needs(keys)),
+            Err(err) => {
+                tracing::warn!(error = %err, rule = rule.source(), "rule could not be decided; denying");
+                Ok(false)
+            }
+        }
+    }
+}
+
+pub(super) enum ReadPlan {
+    All,
+    Nothing,
+    Filter(Filter),
+    /// Evaluate the rule per row, after an optional SQL pre-filter.
+    PerRow(Option<Filter>),
+}
+
+fn parse_rule_filter(v: &Value) -> ApiResult<Filter> {
+    query::parse_where(v)?.ok_or_else(|| ApiError::internal(anyhow::anyhow!("empty rule filter")))
+}
+
+impl DocumentService {
+    /// Whether `rule` lets the caller `method` (`get` or `list`) the stored document `row`,
+    /// fetching what `get()`/`exists()` read from the store (after the scan: no connection is
+    /// held meanwhile). `cache` keeps fetched documents for the rest of the request.
+    pub(super) async fn may_read(
+        &self,
+        rule: &Option<Rule>,
+        principal: &Principal,
+        method: &str,
+        row: Option<&DocumentRow>,
+        cache: &mut Fetched,
+    ) -> bool {
+        let now = Utc::now();
+        let mut fetched = Fetched::new();
+        loop {
+            let judge = Judge {
+                principal,
+                now,
+                fetched: &fetched,
+            };
+            match judge.allows(rule, method, row, None) {
+                Ok(allowed) => return allowed,
+                Err(Halt::Api(_)) => return false,
+                Err(Halt::Needs(keys)) => {
+                    for key in keys {
+                        let doc = match cache.get(&key) {
+                            Some(doc) => doc.clone(),
+                            None => match self.store.get_document(&key.0, &key.1).await {
+                                Ok(doc) => {
+                                    let doc = doc.as_ref().map(document_json);
+                                    if cache.len() < MAX_CACHED_LOOKUPS {
+                                        cache.insert(key.clone(), doc.clone());
+                                    }
+                                    doc
+                                }
+                                Err(err) => {
+                                    tracing::warn!(error = %err, "get()/exists() failed; denying");
+                                    return false;
+                                }
+                            },
+                        };
+                        fetched.insert(key, doc);
+                    }
+                }
+            }
+        }
+    }
+
+    /// How the `read` rule restricts a scan for this caller.
+    pub(super) fn read_plan(
+        &self,
+        coll: &Collection,
+        principal: &Principal,
+    ) -> ApiResult<ReadPlan> {
+        if matches!(principal, Principal::Privileged) {
+            return Ok(ReadPlan::All);
+        }
+        let rule = coll
+            .read
+            .as_ref()
+            .ok_or_else(|| ApiError::PermissionDenied("this collection has no read rule".into()))?;
+        match rule.constant() {
+            Some(true) => return Ok(ReadPlan::All),
+            Some(false) => return Ok(ReadPlan::Nothing),
+            None => {}
+        }
+        Ok(match rule.pushdown(principal.auth(), Utc::now()) {
+            Pushdown::Allow => ReadPlan::All,
+            Pushdown::Deny => ReadPlan::Nothing,
+            Pushdown::Filter(f) => ReadPlan::Filter(parse_rule_filter(&f)?),
+            Pushdown::Partial { filter } => ReadPlan::PerRow(Some(parse_rule_filter(&filter)?)),
+            Pushdown::Residual => ReadPlan::PerRow(None),
+        })
+    }
+}

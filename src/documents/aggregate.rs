@@ -1,0 +1,221 @@
+//! `_aggregate`: count, sum, avg, min and max over what the caller may read.
+
+use super::*;
+
+impl DocumentService {
+    /// `_aggregate`: count, sum, avg, min, max over the documents the caller may read.
+    pub async fn aggregate(
+        &self,
+        principal: &Principal,
+        collection: &str,
+        where_: Option<Filter>,
+        aggregations: &Map<String, Value>,
+    ) -> ApiResult<Map<String, Value>> {
+        let coll = self.collection(collection).await?;
+        let specs = parse_aggregations(aggregations)?;
+        let (filter, per_row) = match self.read_plan(&coll, principal)? {
+            ReadPlan::Nothing => {
+                return Ok(specs
+                    .iter()
+                    .map(|(name, agg)| (name.clone(), agg.empty()))
+                    .collect())
+            }
+            ReadPlan::All => (where_, false),
+            ReadPlan::Filter(f) => (and(where_, Some(f)), false),
+            ReadPlan::PerRow(pre) => (and(where_, pre), true),
+        };
+        let mut out = Map::new();
+        if per_row {
+            let mut rows = Vec::new();
+            self.for_each_readable(&coll, principal, collection, filter.as_ref(), true, |r| {
+                rows.push(document_json(r))
+            })
+            .await?;
+            for (name, agg) in &specs {
+                out.insert(name.clone(), agg.compute(&rows));
+            }
+            return Ok(out);
+        }
+        let order: Vec<Order> = vec![Order {
+            field: Field::Id,
+            direction: Direction::Asc,
+        }];
+        let numeric_paths: Vec<Vec<String>> = specs
+            .iter()
+            .filter_map(|(_, a)| match a {
+                Aggregation::Sum(Field::Data(p)) | Aggregation::Avg(Field::Data(p)) => {
+                    Some(p.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        let sums = self
+            .store
+            .aggregate_numbers(
+                &Scan {
+                    collection,
+                    filter: filter.as_ref(),
+                    order: &order,
+                    after: None,
+                    limit: 0,
+                    indexed: &coll.indexed,
+                    leading: &coll.leading,
+                    index_widths: &coll.index_widths,
+                },
+                &numeric_paths,
+            )
+            .await?;
+        let mut next_sum = sums.sums.iter();
+        for (name, agg) in &specs {
+            let value = match agg {
+                Aggregation::Count => json!(sums.count),
+                Aggregation::Sum(Field::Data(_)) => {
+                    let (sum, _) = next_sum.next().copied().unwrap_or((0.0, 0));
+                    number(sum)
+                }
+                Aggregation::Avg(Field::Data(_)) => {
+                    let (sum, n) = next_sum.next().copied().unwrap_or((0.0, 0));
+                    if n == 0 {
+                        Value::Null
+                    } else {
+                        number(sum / n as f64)
+                    }
+                }
+                Aggregation::Sum(_) | Aggregation::Avg(_) => json!(0),
+                Aggregation::Min(field) | Aggregation::Max(field) => {
+                    let direction = if matches!(agg, Aggregation::Min(_)) {
+                        Direction::Asc
+                    } else {
+                        Direction::Desc
+                    };
+                    let present = Filter::Clause {
+                        field: field.clone(),
+                        op: Op::Ne,
+                        value: Operand::Json(Value::Null),
+                    };
+                    let f = and(filter.clone(), Some(present));
+                    let order = vec![
+                        Order {
+                            field: field.clone(),
+                            direction,
+                        },
+                        Order {
+                            field: Field::Id,
+                            direction: Direction::Asc,
+                        },
+                    ];
+                    let rows = self
+                        .store
+                        .scan_documents(&Scan {
+                            collection,
+                            filter: f.as_ref(),
+                            order: &order,
+                            after: None,
+                            limit: 1,
+                            indexed: &coll.indexed,
+                            leading: &coll.leading,
+                            index_widths: &coll.index_widths,
+                        })
+                        .await?;
+                    rows.first()
+                        .and_then(|r| field.get(&document_json(r)).map(|v| v.into_owned()))
+                        .unwrap_or(Value::Null)
+                }
+            };
+            out.insert(name.clone(), value);
+        }
+        Ok(out)
+    }
+}
+
+fn number(f: f64) -> Value {
+    if f.fract() == 0.0 && f.abs() < 9.0e15 {
+        json!(f as i64)
+    } else {
+        serde_json::Number::from_f64(f)
+            .map(Value::Number)
+            .unwrap_or(Value::Null)
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Aggregation {
+    Count,
+    Sum(Field),
+    Avg(Field),
+    Min(Field),
+    Max(Field),
+}
+
+impl Aggregation {
+    pub(super) fn empty(&self) -> Value {
+        match self {
+            Aggregation::Count | Aggregation::Sum(_) => json!(0),
+            _ => Value::Null,
+        }
+    }
+
+    /// The same aggregate computed in Rust over documents already filtered by the rule.
+    pub(super) fn compute(&self, docs: &[Value]) -> Value {
+        let numbers = |f: &Field| -> Vec<f64> {
+            docs.iter()
+                .filter_map(|d| f.get(d).and_then(|v| v.as_f64()))
+                .collect()
+        };
+        match self {
+            Aggregation::Count => json!(docs.len()),
+            Aggregation::Sum(f) => number(numbers(f).iter().sum()),
+            Aggregation::Avg(f) => {
+                let n = numbers(f);
+                if n.is_empty() {
+                    Value::Null
+                } else {
+                    number(n.iter().sum::<f64>() / n.len() as f64)
+                }
+            }
+            Aggregation::Min(f) | Aggregation::Max(f) => {
+                let values = docs
+                    .iter()
+                    .filter_map(|d| f.get(d))
+                    .filter(|v| !v.is_null());
+                let pick = if matches!(self, Aggregation::Min(_)) {
+                    values.min_by(|a, b| query::compare_values(Some(a), Some(b)))
+                } else {
+                    values.max_by(|a, b| query::compare_values(Some(a), Some(b)))
+                };
+                pick.map(|v| v.into_owned()).unwrap_or(Value::Null)
+            }
+        }
+    }
+}
+
+fn parse_aggregations(aggs: &Map<String, Value>) -> ApiResult<Vec<(String, Aggregation)>> {
+    if aggs.is_empty() || aggs.len() > 20 {
+        return Err(ApiError::invalid_with(
+            "aggregations has 1 to 20 entries",
+            json!({"field": "aggregations"}),
+        ));
+    }
+    aggs.iter()
+        .map(|(name, spec)| {
+            let bad = || {
+                ApiError::invalid_with(
+                    format!("aggregation `{name}` is {{\"count\": {{}}}}, {{\"sum\": field}}, {{\"avg\": field}}, {{\"min\": field}} or {{\"max\": field}}"),
+                    json!({"field": name}),
+                )
+            };
+            let obj = spec.as_object().filter(|o| o.len() == 1).ok_or_else(bad)?;
+            let (kind, arg) = obj.iter().next().expect("one entry");
+            let field = || -> ApiResult<Field> { Ok(Field::parse(arg.as_str().ok_or_else(bad)?)?) };
+            let agg = match kind.as_str() {
+                "count" => Aggregation::Count,
+                "sum" => Aggregation::Sum(field()?),
+                "avg" => Aggregation::Avg(field()?),
+                "min" => Aggregation::Min(field()?),
+                "max" => Aggregation::Max(field()?),
+                _ => return Err(bad()),
+            };
+            Ok((name.clone(), agg))
+        })
+        .collect()
+}
