@@ -198,7 +198,15 @@ pub struct AuthService {
 
 /// Lower-cases and checks an email address: something@something, no spaces, sane length.
 pub fn normalize_email(email: &str) -> ApiResult<String> {
-    let email = email.trim().to_lowercase();
+    let email = email.trim();
+    // Lower-casing shrinks a character to no less than a third of its bytes (the Kelvin
+    // sign becomes `k`), so anything longer than 3 × 254 bytes is still too long after it:
+    // refused before a copy of a huge string is made.
+    let email = if email.len() <= 254 * 3 {
+        email.to_lowercase()
+    } else {
+        String::new()
+    };
     let valid = email.len() <= 254
         && !email.chars().any(|c| c.is_whitespace() || c.is_control())
         && email.split_once('@').is_some_and(|(local, domain)| {
