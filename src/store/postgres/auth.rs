@@ -217,8 +217,10 @@ impl AuthStore for PgStore {
     ) -> StoreResult<Guarded<UserRow>> {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
         // The row lock this UPDATE takes is what start_session and rotate_refresh_token wait
-        // on (see docs in the AuthService), and every right-hand side reads the row as it
-        // was before the statement, so the email comparison sees the old address.
+        // on; the session revoke below is a later statement, so under READ COMMITTED its
+        // snapshot includes every session they committed while it waited. Every right-hand
+        // side reads the row as it was before the statement, so the email comparison sees
+        // the old address.
         let row = sqlx::query(&format!(
             "UPDATE users SET
                 email = COALESCE($2, email),
