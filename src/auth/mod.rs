@@ -25,8 +25,8 @@ use crate::config::AuthConfig;
 use crate::error::{ApiError, ApiResult};
 use crate::ids::{digest, new_id, new_secret};
 use crate::store::{
-    AdminRow, NewAudit, RefreshTokenRow, Rotation, ServiceKeyRow, SessionRow, Store, StoreError,
-    UserCursor, UserRow,
+    AdminRow, Guarded, NewAudit, RefreshTokenRow, RevokeSessions, Rotation, ServiceKeyRow,
+    SessionRow, Store, StoreError, UserCursor, UserGuard, UserPatch, UserRow,
 };
 use password::PasswordHasherConfig;
 use tokens::TokenService;
@@ -198,7 +198,15 @@ pub struct AuthService {
 
 /// Lower-cases and checks an email address: something@something, no spaces, sane length.
 pub fn normalize_email(email: &str) -> ApiResult<String> {
-    let email = email.trim().to_lowercase();
+    let email = email.trim();
+    // Lower-casing shrinks a character to no less than a third of its bytes (the Kelvin
+    // sign becomes `k`), so anything longer than 3 × 254 bytes is still too long after it:
+    // refused before a copy of a huge string is made.
+    let email = if email.len() <= 254 * 3 {
+        email.to_lowercase()
+    } else {
+        String::new()
+    };
     let valid = email.len() <= 254
         && !email.chars().any(|c| c.is_whitespace() || c.is_control())
         && email.split_once('@').is_some_and(|(local, domain)| {
@@ -214,6 +222,10 @@ pub fn normalize_email(email: &str) -> ApiResult<String> {
         ));
     }
     Ok(email)
+}
+
+fn account_disabled() -> ApiError {
+    ApiError::PermissionDenied("this account is disabled".into())
 }
 
 fn check_object(value: &Value, field: &str) -> ApiResult<()> {
@@ -314,12 +326,21 @@ impl AuthService {
         })
     }
 
-    /// Starts a new session for `user` and answers `{user, session}`.
-    async fn start_session(&self, user: &UserRow, client: &ClientInfo) -> ApiResult<AuthResponse> {
+    /// Starts a new session for the user and answers `{user, session}`, or says why the
+    /// store refused (see [`AuthStore::start_session`]): the account is disabled, gone, or
+    /// no longer has the password hash `verified_hash` that the caller checked.
+    ///
+    /// [`AuthStore::start_session`]: crate::store::AuthStore::start_session
+    async fn start_session(
+        &self,
+        user_id: &str,
+        verified_hash: Option<&str>,
+        client: &ClientInfo,
+    ) -> ApiResult<Guarded<AuthResponse>> {
         let now = Utc::now();
         let session = SessionRow {
             id: new_id(),
-            user_id: user.id.clone(),
+            user_id: user_id.to_string(),
             created_at: now,
             refreshed_at: now,
             user_agent: client.user_agent.clone(),
@@ -334,8 +355,36 @@ impl AuthService {
             expires_at: now + chrono::Duration::seconds(self.config.refresh_token_ttl_secs as i64),
             rotated_at: None,
         };
-        self.store.insert_session(&session, &row).await?;
-        self.session_response(user, &session.id, refresh)
+        let guard = UserGuard {
+            enabled: true,
+            password_hash: verified_hash.map(|h| Some(h.to_string())),
+        };
+        Ok(
+            match self.store.start_session(&session, &row, &guard).await? {
+                Guarded::Done(user) => {
+                    Guarded::Done(self.session_response(&user, &session.id, refresh)?)
+                }
+                Guarded::Gone => Guarded::Gone,
+                Guarded::Disabled => Guarded::Disabled,
+                Guarded::PasswordChanged => Guarded::PasswordChanged,
+            },
+        )
+    }
+
+    /// A session for an account this request just created: only an admin acting within the
+    /// same instant can refuse it.
+    async fn start_new_user_session(
+        &self,
+        user_id: &str,
+        client: &ClientInfo,
+    ) -> ApiResult<AuthResponse> {
+        match self.start_session(user_id, None, client).await? {
+            Guarded::Done(response) => Ok(response),
+            Guarded::Disabled => Err(account_disabled()),
+            Guarded::Gone | Guarded::PasswordChanged => {
+                Err(ApiError::NotFound("user not found".into()))
+            }
+        }
     }
 
     pub async fn signup(
@@ -377,11 +426,14 @@ impl AuthService {
             }
             other => other?,
         }
-        self.start_session(&user, client).await
+        self.start_new_user_session(&user.id, client).await
     }
 
     /// The `password` grant. A wrong email and a wrong password answer the same, in the same
-    /// time; a disabled account answers 403 only once the password is right.
+    /// time; a disabled account answers 403 only once the password is right. The session
+    /// starts only if, when it is written, the account is still enabled and still has the
+    /// password hash just verified (argon2 takes tens of milliseconds: an admin's disable or
+    /// a password change can commit meanwhile).
     pub async fn sign_in_with_password(
         &self,
         email: &str,
@@ -400,15 +452,15 @@ impl AuthService {
         if !self.passwords.verify(password, hash).await? {
             return Err(invalid());
         }
-        let mut user = user.ok_or_else(invalid)?;
-        if user.disabled {
-            return Err(ApiError::PermissionDenied(
-                "this account is disabled".into(),
-            ));
+        let (Some(user), Some(hash)) = (&user, hash) else {
+            return Err(invalid());
+        };
+        match self.start_session(&user.id, Some(hash), client).await? {
+            Guarded::Done(response) => Ok(response),
+            Guarded::Disabled => Err(account_disabled()),
+            // The password checked is no longer the account's (or the account is gone).
+            Guarded::Gone | Guarded::PasswordChanged => Err(invalid()),
         }
-        user.last_sign_in_at = Some(Utc::now());
-        self.store.update_user(&user).await?;
-        self.start_session(&user, client).await
     }
 
     pub async fn sign_in_anonymously(&self, client: &ClientInfo) -> ApiResult<AuthResponse> {
@@ -434,10 +486,14 @@ impl AuthService {
             last_sign_in_at: Some(now),
         };
         self.store.insert_user(&user).await?;
-        self.start_session(&user, client).await
+        self.start_new_user_session(&user.id, client).await
     }
 
-    /// The `refresh_token` grant, with reuse detection (see the module docs).
+    /// The `refresh_token` grant, with reuse detection (see the module docs). Whether the
+    /// user is enabled is decided inside the rotation's transaction, ordered against an
+    /// admin's disable (see [`AuthStore::rotate_refresh_token`]).
+    ///
+    /// [`AuthStore::rotate_refresh_token`]: crate::store::AuthStore::rotate_refresh_token
     pub async fn refresh(&self, refresh_token: &str) -> ApiResult<AuthResponse> {
         let invalid =
             |why: &str| ApiError::Unauthenticated(format!("invalid refresh token: {why}"));
@@ -453,24 +509,10 @@ impl AuthService {
             if row.expires_at <= now {
                 return Err(invalid("expired"));
             }
-            let session = self
-                .store
-                .session(&row.session_id)
-                .await?
-                .filter(|s| s.revoked_at.is_none())
-                .ok_or_else(|| invalid("the session has ended"))?;
-            let user = self
-                .store
-                .user_by_id(&session.user_id)
-                .await?
-                .ok_or_else(|| invalid("the user no longer exists"))?;
-            if user.disabled {
-                return Err(invalid("the account is disabled"));
-            }
             let next = self.successor(&token);
             let new_row = RefreshTokenRow {
                 token_hash: digest(&next),
-                session_id: session.id.clone(),
+                session_id: row.session_id.clone(),
                 created_at: now,
                 expires_at: now
                     + chrono::Duration::seconds(self.config.refresh_token_ttl_secs as i64),
@@ -481,15 +523,18 @@ impl AuthService {
                 .rotate_refresh_token(&hash, &new_row, now)
                 .await?
             {
-                Rotation::Rotated => return self.session_response(&user, &session.id, next),
+                Rotation::Rotated { user } => {
+                    return self.session_response(&user, &row.session_id, next)
+                }
                 Rotation::Unknown => return Err(invalid("the session has ended")),
-                Rotation::AlreadyRotated { rotated_at } => {
+                Rotation::UserDisabled => return Err(invalid("the account is disabled")),
+                Rotation::AlreadyRotated { rotated_at, user } => {
                     let grace =
                         chrono::Duration::seconds(self.config.refresh_reuse_grace_secs as i64);
                     if now - rotated_at > grace {
-                        tracing::warn!(session_id = %session.id, user_id = %user.id, "refresh token reused; revoking the session");
+                        tracing::warn!(session_id = %row.session_id, user_id = %user.id, "refresh token reused; revoking the session");
                         self.store
-                            .revoke_session(&user.id, &session.id, now)
+                            .revoke_session(&user.id, &row.session_id, now)
                             .await?;
                         return Err(invalid("already used; the session was revoked"));
                     }
@@ -498,7 +543,7 @@ impl AuthService {
                     let successor = self.store.refresh_token(&digest(&next)).await?;
                     match successor {
                         Some(s) if s.rotated_at.is_none() => {
-                            return self.session_response(&user, &session.id, next)
+                            return self.session_response(&user, &row.session_id, next)
                         }
                         Some(_) => token = next,
                         None => return Err(invalid("unknown token")),
@@ -526,63 +571,99 @@ impl AuthService {
             .ok_or_else(|| ApiError::NotFound("user not found".into()))
     }
 
-    /// A user's own changes. Changing the password of an account that has one needs
-    /// `current_password`; giving an anonymous account an email and password upgrades it.
-    pub async fn update_own(&self, id: &str, update: UserUpdate) -> ApiResult<UserRow> {
-        let mut user = self.user(id).await?;
-        if let Some(data) = update.data {
-            check_object(&data, "data")?;
-            user.data = data;
+    /// A user's own changes, made from session `session_id`. Changing the email or the
+    /// password of an account that has a password needs `current_password`; a new password
+    /// ends every other session. Giving an anonymous account an email and password upgrades
+    /// it. Only the columns the request names are written, and only if the account is still
+    /// enabled and — when credentials change — still has the password hash checked here.
+    pub async fn update_own(
+        &self,
+        id: &str,
+        session_id: &str,
+        update: UserUpdate,
+    ) -> ApiResult<UserRow> {
+        let user = self.user(id).await?;
+        if let Some(data) = &update.data {
+            check_object(data, "data")?;
         }
-        if let Some(email) = &update.email {
-            let email = normalize_email(email)?;
-            if user.email.as_deref() != Some(email.as_str()) {
-                user.email = Some(email);
-                user.email_verified = false;
-            }
-        }
+        let email = update.email.as_deref().map(normalize_email).transpose()?;
         if let Some(password) = &update.password {
             self.check_password_strength(password)?;
-            if user.password_hash.is_some() {
-                let current = update.current_password.as_deref().ok_or_else(|| {
-                    ApiError::invalid_with(
-                        "current_password is required to change the password",
-                        json!({"field": "current_password"}),
-                    )
-                })?;
-                if !self
-                    .passwords
-                    .verify(current, user.password_hash.as_deref())
-                    .await?
-                {
-                    return Err(ApiError::invalid_with(
-                        "current_password is wrong",
-                        json!({"field": "current_password"}),
-                    ));
-                }
+        }
+        let email_changes = email.is_some() && email != user.email;
+        let credentials_change = email_changes || update.password.is_some();
+        if credentials_change && user.password_hash.is_some() {
+            let current = update.current_password.as_deref().ok_or_else(|| {
+                ApiError::invalid_with(
+                    "current_password is required to change the email or the password",
+                    json!({"field": "current_password"}),
+                )
+            })?;
+            if !self
+                .passwords
+                .verify(current, user.password_hash.as_deref())
+                .await?
+            {
+                return Err(ApiError::invalid_with(
+                    "current_password is wrong",
+                    json!({"field": "current_password"}),
+                ));
             }
-            user.password_hash = Some(self.passwords.hash(password).await?);
+        }
+        let mut patch = UserPatch {
+            data: update.data,
+            unverify_changed_email: true,
+            ..UserPatch::default()
+        };
+        let mut guard = UserGuard {
+            enabled: true,
+            password_hash: None,
+        };
+        let mut revoke = RevokeSessions::None;
+        if credentials_change {
+            guard.password_hash = Some(user.password_hash.clone());
         }
         if user.is_anonymous && (update.email.is_some() || update.password.is_some()) {
-            if user.email.is_none() || user.password_hash.is_none() {
+            if (email.is_none() && user.email.is_none())
+                || (update.password.is_none() && user.password_hash.is_none())
+            {
                 return Err(ApiError::invalid(
                     "an anonymous account is upgraded with both email and password",
                 ));
             }
-            user.is_anonymous = false;
-            user.providers = json!(["email"]);
+            patch.is_anonymous = Some(false);
+            patch.providers = Some(json!(["email"]));
         }
-        user.updated_at = Utc::now();
-        self.save_user(&user).await?;
-        Ok(user)
+        if let Some(password) = &update.password {
+            patch.password_hash = Some(self.passwords.hash(password).await?);
+            revoke = RevokeSessions::AllExcept(session_id.to_string());
+        }
+        patch.email = email;
+        match self.write_user(id, &patch, &guard, &revoke).await? {
+            Guarded::Done(user) => Ok(user),
+            Guarded::Gone => Err(ApiError::NotFound("user not found".into())),
+            Guarded::Disabled => Err(account_disabled()),
+            Guarded::PasswordChanged => Err(ApiError::Conflict(
+                "the password was changed meanwhile; sign in again".into(),
+            )),
+        }
     }
 
-    async fn save_user(&self, user: &UserRow) -> ApiResult<()> {
-        match self.store.update_user(user).await {
+    async fn write_user(
+        &self,
+        id: &str,
+        patch: &UserPatch,
+        guard: &UserGuard,
+        revoke: &RevokeSessions,
+    ) -> ApiResult<Guarded<UserRow>> {
+        match self
+            .store
+            .update_user(id, patch, guard, revoke, Utc::now())
+            .await
+        {
             Err(StoreError::AlreadyExists(_)) => Err(ApiError::AlreadyExists(
                 "a user with this email already exists".into(),
             )),
-            Err(StoreError::NotFound) => Err(ApiError::NotFound("user not found".into())),
             other => Ok(other?),
         }
     }
@@ -682,7 +763,10 @@ impl AuthService {
         Ok(Some(token))
     }
 
-    /// `POST /v1/admin/setup`: the first admin, with the logged setup token, once.
+    /// `POST /v1/admin/setup`: the first admin, with the logged setup token, once. The
+    /// request is validated before the token is consumed, and consuming it and inserting
+    /// the admin are one transaction: a request that fails does not burn the token, and of
+    /// two racing valid ones exactly one makes an admin.
     pub async fn complete_setup(
         &self,
         token: &str,
@@ -701,11 +785,21 @@ impl AuthService {
         {
             return Err(denied());
         }
-        // Deleting first makes the token single-use even when two requests race.
-        if !self.store.meta_delete(SETUP_TOKEN_META).await? {
+        let email = normalize_email(email)?;
+        self.check_password_strength(password)?;
+        let admin = AdminRow {
+            id: new_id(),
+            email,
+            password_hash: self.passwords.hash(password).await?,
+            created_at: Utc::now(),
+        };
+        if !self
+            .store
+            .insert_first_admin(SETUP_TOKEN_META, &stored, &admin)
+            .await?
+        {
             return Err(denied());
         }
-        let admin = self.create_admin(email, password).await?;
         let (token, _) = self
             .tokens
             .issue_admin_token(&admin.id, Utc::now())
@@ -795,41 +889,45 @@ impl AuthService {
         }
     }
 
-    /// An admin's changes. Disabling revokes every session at once, so refreshing fails
-    /// immediately; access tokens already issued run out at their expiry.
+    /// An admin's changes. Only the named columns are written, so a user's concurrent
+    /// profile change cannot undo them. Disabling, and setting a password, revoke every
+    /// session in the same transaction, so refreshing fails at once and no sign-in or
+    /// refresh decided before the write can outlive it; access tokens already issued run out
+    /// at their expiry.
     pub async fn admin_update_user(&self, id: &str, update: AdminUserUpdate) -> ApiResult<UserRow> {
-        let mut user = self.user(id).await?;
+        let mut patch = UserPatch {
+            email_verified: update.email_verified,
+            disabled: update.disabled,
+            ..UserPatch::default()
+        };
         if let Some(email) = &update.email {
-            user.email = Some(normalize_email(email)?);
-            user.is_anonymous = false;
-        }
-        if let Some(password) = &update.password {
-            self.check_password_strength(password)?;
-            user.password_hash = Some(self.passwords.hash(password).await?);
-        }
-        if let Some(v) = update.email_verified {
-            user.email_verified = v;
+            patch.email = Some(normalize_email(email)?);
+            patch.is_anonymous = Some(false);
         }
         if let Some(claims) = update.claims {
             check_object(&claims, "claims")?;
-            user.claims = claims;
+            patch.claims = Some(claims);
         }
         if let Some(data) = update.data {
             check_object(&data, "data")?;
-            user.data = data;
+            patch.data = Some(data);
         }
-        let disabling = update.disabled == Some(true) && !user.disabled;
-        if let Some(disabled) = update.disabled {
-            user.disabled = disabled;
+        if let Some(password) = &update.password {
+            self.check_password_strength(password)?;
+            patch.password_hash = Some(self.passwords.hash(password).await?);
         }
-        user.updated_at = Utc::now();
-        self.save_user(&user).await?;
-        if disabling {
-            self.store
-                .revoke_user_sessions(&user.id, Utc::now())
-                .await?;
+        let revoke = if update.disabled == Some(true) || update.password.is_some() {
+            RevokeSessions::All
+        } else {
+            RevokeSessions::None
+        };
+        match self
+            .write_user(id, &patch, &UserGuard::default(), &revoke)
+            .await?
+        {
+            Guarded::Done(user) => Ok(user),
+            _ => Err(ApiError::NotFound("user not found".into())),
         }
-        Ok(user)
     }
 
     pub async fn list_users(

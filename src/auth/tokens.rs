@@ -276,6 +276,16 @@ impl TokenService {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
                 _ => TokenError::Invalid,
             })?;
+        // jsonwebtoken still accepts a token in its `exp` second; a token is valid strictly
+        // before `exp`, as RFC 7519 § 4.1.4 has it (and as the verified cache checks).
+        let exp = data
+            .claims
+            .get("exp")
+            .and_then(Value::as_i64)
+            .ok_or(TokenError::Invalid)?;
+        if exp <= Utc::now().timestamp() {
+            return Err(TokenError::Expired);
+        }
         let aud = data
             .claims
             .get("aud")

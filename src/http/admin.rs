@@ -1,8 +1,10 @@
 //! `/v1/admin`: admin sign-in and first-run setup, users, service keys and the audit log
-//! (API.md § Admin). Every call but login and setup needs an admin token or a service key,
-//! and every write is appended to the audit log.
+//! (API.md § Admin). Every call but login and setup needs an admin token or a service key —
+//! except the service-key calls themselves, which need an admin token — and every write is
+//! appended to the audit log.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -11,9 +13,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::app::AppState;
-use crate::auth::{Admin, AdminUserUpdate, ServiceKey, User};
+use crate::auth::{Actor, Admin, AdminUserUpdate, ServiceKey, User};
 use crate::error::{ApiError, ApiResult};
-use crate::http::extract::{AdminCaller, Client, Json};
+use crate::http::extract::{AdminCaller, Caller, Client, Json};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -25,6 +27,36 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(list_keys, create_key))
         .routes(routes!(delete_key))
         .routes(routes!(audit))
+}
+
+/// An admin token and nothing else; a service key gets 403. Service keys are for programs,
+/// and a program able to mint keys could keep its access after its own key is deleted (a
+/// leaked key would mint a spare first), so only people manage keys.
+pub struct AdminTokenOnly(pub Actor);
+
+impl FromRequestParts<AppState> for AdminTokenOnly {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        match Caller::from_request_parts(parts, state).await? {
+            Caller::Admin(claims) => Ok(AdminTokenOnly(Actor {
+                kind: "admin",
+                id: claims.sub,
+            })),
+            Caller::Anonymous => Err(ApiError::Unauthenticated(
+                "this call needs an admin token".into(),
+            )),
+            Caller::ServiceKey { .. } => Err(ApiError::PermissionDenied(
+                "service keys cannot manage service keys; this call needs an admin token".into(),
+            )),
+            Caller::User(_) => Err(ApiError::PermissionDenied(
+                "this call needs an admin token".into(),
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -66,9 +98,10 @@ pub struct SetupRequest {
     pub password: String,
 }
 
-/// Create the first admin with the one-time token from the logged setup link.
+/// Create the first admin with the one-time token from the logged setup link. A request
+/// that fails validation (400) leaves the token usable.
 #[utoipa::path(post, path = "/setup", tag = "admin", request_body = SetupRequest,
-    responses((status = 200, body = AdminSession), (status = 403), (status = 429)))]
+    responses((status = 200, body = AdminSession), (status = 400), (status = 403), (status = 429)))]
 async fn setup(
     State(state): State<AppState>,
     client: Client,
@@ -190,7 +223,8 @@ async fn get_user(
 }
 
 /// Change a user: `disabled`, `claims`, `password`, `email`, `email_verified`, `data`.
-/// Disabling ends every session at once.
+/// Disabling, and setting a password, end every session of the user at once. Only the named
+/// fields are written.
 #[utoipa::path(patch, path = "/users/{id}", tag = "admin", params(("id" = String, Path)), request_body = AdminUserUpdate,
     responses((status = 200, body = User), (status = 400), (status = 404), (status = 409)))]
 async fn update_user(
@@ -264,11 +298,12 @@ pub struct KeyList {
     pub keys: Vec<ServiceKey>,
 }
 
-/// List service keys (never their secrets).
-#[utoipa::path(get, path = "/keys", tag = "admin", responses((status = 200, body = KeyList)))]
+/// List service keys (never their secrets). Admin token only: a service key gets 403.
+#[utoipa::path(get, path = "/keys", tag = "admin",
+    responses((status = 200, body = KeyList), (status = 401), (status = 403)))]
 async fn list_keys(
     State(state): State<AppState>,
-    _admin: AdminCaller,
+    _admin: AdminTokenOnly,
 ) -> ApiResult<axum::Json<KeyList>> {
     let keys = state.store.list_service_keys().await?;
     Ok(axum::Json(KeyList {
@@ -282,12 +317,13 @@ pub struct CreateKey {
     pub name: String,
 }
 
-/// Create a service key. Its secret (`key`) is in this answer only.
+/// Create a service key. Its secret (`key`) is in this answer only. Admin token only: a
+/// service key gets 403, so a leaked key cannot mint itself a spare.
 #[utoipa::path(post, path = "/keys", tag = "admin", request_body = CreateKey,
-    responses((status = 201, body = ServiceKey), (status = 400)))]
+    responses((status = 201, body = ServiceKey), (status = 400), (status = 401), (status = 403)))]
 async fn create_key(
     State(state): State<AppState>,
-    AdminCaller(actor): AdminCaller,
+    AdminTokenOnly(actor): AdminTokenOnly,
     Json(body): Json<CreateKey>,
 ) -> ApiResult<(StatusCode, axum::Json<ServiceKey>)> {
     let key = state.auth.create_service_key(&body.name).await?;
@@ -303,12 +339,14 @@ async fn create_key(
     Ok((StatusCode::CREATED, axum::Json(key)))
 }
 
-/// Delete a service key; it stops working at once.
+/// Delete (revoke) a service key. It stops working at once on every node: keys are checked
+/// against the database on each request, never cached. Admin token only: a service key
+/// gets 403.
 #[utoipa::path(delete, path = "/keys/{id}", tag = "admin", params(("id" = String, Path)),
-    responses((status = 204), (status = 404)))]
+    responses((status = 204), (status = 401), (status = 403), (status = 404)))]
 async fn delete_key(
     State(state): State<AppState>,
-    AdminCaller(actor): AdminCaller,
+    AdminTokenOnly(actor): AdminTokenOnly,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     if !state.store.delete_service_key(&id).await? {

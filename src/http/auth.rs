@@ -174,16 +174,20 @@ async fn get_user(
     Ok(axum::Json(User::from(&user)))
 }
 
-/// Change the signed-in user's email, password (with `current_password`) or `data`. Giving an
-/// anonymous user an email and password upgrades the account.
+/// Change the signed-in user's email or password (both need `current_password` when the
+/// account has a password) or `data`. A new password ends every other session of the user;
+/// this one stays. Giving an anonymous user an email and password upgrades the account.
 #[utoipa::path(patch, path = "/user", tag = "auth", request_body = UserUpdate,
-    responses((status = 200, body = User), (status = 400), (status = 401), (status = 409)))]
+    responses((status = 200, body = User), (status = 400), (status = 401), (status = 403), (status = 409)))]
 async fn update_user(
     State(state): State<AppState>,
     AuthUser(claims): AuthUser,
     Json(update): Json<UserUpdate>,
 ) -> ApiResult<axum::Json<User>> {
-    let user = state.auth.update_own(&claims.sub, update).await?;
+    let user = state
+        .auth
+        .update_own(&claims.sub, &claims.session_id, update)
+        .await?;
     Ok(axum::Json(User::from(&user)))
 }
 

@@ -106,15 +106,85 @@ pub struct RefreshTokenRow {
     pub rotated_at: Option<DateTime<Utc>>,
 }
 
-/// What happened when a refresh token was presented for rotation.
+/// What happened when a refresh token was presented for rotation. `user` is the session's
+/// user as read under the lock that orders the rotation against an admin's disable, so an
+/// access token built from it carries what was true when the rotation was decided.
 #[derive(Debug)]
 pub enum Rotation {
     /// The token was live; it is now rotated and `new` is stored.
-    Rotated,
+    Rotated { user: UserRow },
     /// The token had already been rotated (at `rotated_at`); nothing was written.
-    AlreadyRotated { rotated_at: DateTime<Utc> },
+    AlreadyRotated {
+        rotated_at: DateTime<Utc>,
+        user: UserRow,
+    },
     /// No such token, or its session is revoked.
     Unknown,
+    /// The session's user is disabled; nothing was written.
+    UserDisabled,
+}
+
+/// The columns a user write changes; `None` leaves a column as it is. Writes name only what
+/// they change so that two writers of different columns (a user editing `data`, an admin
+/// setting `disabled`) can never undo each other.
+#[derive(Debug, Clone, Default)]
+pub struct UserPatch {
+    pub email: Option<String>,
+    /// With a new `email` that differs from the stored one, set `email_verified` to false
+    /// (unless `email_verified` is given too).
+    pub unverify_changed_email: bool,
+    pub email_verified: Option<bool>,
+    pub password_hash: Option<String>,
+    pub is_anonymous: Option<bool>,
+    pub providers: Option<Value>,
+    pub data: Option<Value>,
+    pub claims: Option<Value>,
+    pub disabled: Option<bool>,
+}
+
+/// What a user write (or the start of a session) requires of the stored row, checked in the
+/// same statement that writes it.
+#[derive(Debug, Clone, Default)]
+pub struct UserGuard {
+    /// Refuse when the account is disabled.
+    pub enabled: bool,
+    /// Refuse unless the stored password hash is exactly this (`Some(None)`: no password), so
+    /// a write decided on a verified password cannot land after that password was changed.
+    pub password_hash: Option<Option<String>>,
+}
+
+/// Which of the user's sessions a user write revokes, in its transaction.
+#[derive(Debug, Clone, Default)]
+pub enum RevokeSessions {
+    #[default]
+    None,
+    All,
+    /// Every session but this one (the caller's own).
+    AllExcept(String),
+}
+
+/// The outcome of a guarded user write: done, or why nothing was written.
+#[derive(Debug)]
+pub enum Guarded<T> {
+    Done(T),
+    /// There is no such user (any more).
+    Gone,
+    /// `UserGuard::enabled` and the account is disabled.
+    Disabled,
+    /// `UserGuard::password_hash` and the stored hash is another.
+    PasswordChanged,
+}
+
+impl UserGuard {
+    /// Why a guarded write found no row to change, given the stored `(disabled,
+    /// password_hash)` (read after the write matched nothing).
+    pub fn refusal<T>(&self, stored: Option<(bool, Option<String>)>) -> Guarded<T> {
+        match stored {
+            None => Guarded::Gone,
+            Some((true, _)) if self.enabled => Guarded::Disabled,
+            Some(_) => Guarded::PasswordChanged,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -194,9 +264,17 @@ pub trait AuthStore: Send + Sync {
     async fn insert_user(&self, user: &UserRow) -> StoreResult<()>;
     async fn user_by_id(&self, id: &str) -> StoreResult<Option<UserRow>>;
     async fn user_by_email(&self, email: &str) -> StoreResult<Option<UserRow>>;
-    /// Writes every column of the row; `NotFound` if it is gone, `AlreadyExists("email")` on a
-    /// taken email.
-    async fn update_user(&self, user: &UserRow) -> StoreResult<()>;
+    /// Sets the columns `patch` names (and `updated_at`) if the row passes `guard`, and
+    /// revokes the sessions `revoke` names, in one transaction; answers the row as written.
+    /// `AlreadyExists("email")` on a taken email.
+    async fn update_user(
+        &self,
+        id: &str,
+        patch: &UserPatch,
+        guard: &UserGuard,
+        revoke: &RevokeSessions,
+        at: DateTime<Utc>,
+    ) -> StoreResult<Guarded<UserRow>>;
     /// Deletes the user with its sessions and refresh tokens. `false` if there was none.
     async fn delete_user(&self, id: &str) -> StoreResult<bool>;
     async fn list_users(
@@ -207,13 +285,16 @@ pub trait AuthStore: Send + Sync {
     ) -> StoreResult<Vec<UserRow>>;
 
     // --- sessions and refresh tokens
-    /// Creates the session and its first refresh token in one transaction.
-    async fn insert_session(
+    /// Starts a session: sets the user's `last_sign_in_at` to the session's `created_at` if
+    /// the user passes `guard`, then creates the session and its first refresh token, all in
+    /// one transaction that an admin's disable (which revokes every session in its own
+    /// transaction) is serialised with. Answers the user as written.
+    async fn start_session(
         &self,
         session: &SessionRow,
         token: &RefreshTokenRow,
-    ) -> StoreResult<()>;
-    async fn session(&self, id: &str) -> StoreResult<Option<SessionRow>>;
+        guard: &UserGuard,
+    ) -> StoreResult<Guarded<UserRow>>;
     /// The user's live (not revoked) sessions, newest first.
     async fn list_sessions(&self, user_id: &str) -> StoreResult<Vec<SessionRow>>;
     /// Revokes one session; `false` when it was not the user's or already revoked.
@@ -226,9 +307,9 @@ pub trait AuthStore: Send + Sync {
     /// Revokes all of a user's sessions; returns how many were live.
     async fn revoke_user_sessions(&self, user_id: &str, at: DateTime<Utc>) -> StoreResult<u64>;
     async fn refresh_token(&self, token_hash: &str) -> StoreResult<Option<RefreshTokenRow>>;
-    /// Atomically marks `old_hash` rotated and stores `new` — only if `old_hash` is live and
-    /// its session is not revoked. Concurrent callers with the same token: exactly one gets
-    /// `Rotated`, the others `AlreadyRotated`.
+    /// Atomically marks `old_hash` rotated and stores `new` — only if `old_hash` is live, its
+    /// session is not revoked and its user not disabled. Concurrent callers with the same
+    /// token: exactly one gets `Rotated`, the others `AlreadyRotated`.
     async fn rotate_refresh_token(
         &self,
         old_hash: &str,
@@ -241,6 +322,16 @@ pub trait AuthStore: Send + Sync {
     async fn admin_by_email(&self, email: &str) -> StoreResult<Option<AdminRow>>;
     async fn admin_by_id(&self, id: &str) -> StoreResult<Option<AdminRow>>;
     async fn count_admins(&self) -> StoreResult<i64>;
+    /// The first admin: in one transaction, consumes the meta entry `token_key` if its value
+    /// is `token_digest`, and inserts `admin` if there is no admin yet. `false` (and nothing
+    /// written) when the token was not there or an admin exists, so a failed insert never
+    /// burns the token and two racing requests make exactly one admin.
+    async fn insert_first_admin(
+        &self,
+        token_key: &str,
+        token_digest: &str,
+        admin: &AdminRow,
+    ) -> StoreResult<bool>;
 
     // --- service keys
     async fn insert_service_key(&self, key: &ServiceKeyRow) -> StoreResult<()>;

@@ -364,7 +364,7 @@ async fn user_can_read_update_and_delete_their_account(backend: Backend) {
     app.patch(
         "/v1/auth/user",
         Some(&access),
-        json!({"email": "taken@example.com"}),
+        json!({"email": "taken@example.com", "current_password": "correct horse battery"}),
     )
     .await
     .assert_error(409, "already_exists");
@@ -378,7 +378,7 @@ async fn user_can_read_update_and_delete_their_account(backend: Backend) {
         .patch(
             "/v1/auth/user",
             Some(&access),
-            json!({"email": "lee2@example.com"}),
+            json!({"email": "lee2@example.com", "current_password": "correct horse battery"}),
         )
         .await;
     assert_eq!(changed.assert_ok()["email"], "lee2@example.com");

@@ -8,4 +8,5 @@ mod cli;
 mod documents;
 mod ops;
 mod rules;
+mod security_auth;
 mod security_documents;

@@ -8,12 +8,43 @@ use sqlx::Row;
 
 use super::{map_err, PgStore};
 use crate::store::{
-    contains_pattern, AdminRow, AuditRow, AuthStore, NewAudit, RefreshTokenRow, Rotation,
-    ServiceKeyRow, SessionRow, SigningKeyRow, StoreError, StoreResult, UserCursor, UserRow,
+    contains_pattern, AdminRow, AuditRow, AuthStore, Guarded, NewAudit, RefreshTokenRow,
+    RevokeSessions, Rotation, ServiceKeyRow, SessionRow, SigningKeyRow, StoreResult, UserCursor,
+    UserGuard, UserPatch, UserRow,
 };
 
 const USER_COLUMNS: &str = "id, email, password_hash, email_verified, is_anonymous, data, claims, \
      providers, mfa_enabled, disabled, created_at, updated_at, last_sign_in_at";
+
+/// The `u.`-qualified user columns, for joins.
+const USER_COLUMNS_OF_U: &str = "u.id, u.email, u.password_hash, u.email_verified, \
+     u.is_anonymous, u.data, u.claims, u.providers, u.mfa_enabled, u.disabled, u.created_at, \
+     u.updated_at, u.last_sign_in_at";
+
+/// The [`UserGuard`] as a condition on `users`, taking three parameters from `$first`: the
+/// `enabled` flag, whether to compare the hash, and the hash.
+fn guard_where(first: usize) -> String {
+    let (check, hash) = (first + 1, first + 2);
+    format!(
+        "(NOT ${first}::boolean OR NOT disabled) \
+         AND (NOT ${check}::boolean OR password_hash IS NOT DISTINCT FROM ${hash}::text)"
+    )
+}
+
+/// Explains why a guarded write matched no row, read in the write's own transaction.
+async fn refusal<T>(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    id: &str,
+    guard: &UserGuard,
+) -> StoreResult<Guarded<T>> {
+    let stored: Option<(bool, Option<String>)> =
+        sqlx::query_as("SELECT disabled, password_hash FROM users WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(map_err)?;
+    Ok(guard.refusal(stored))
+}
 
 fn user_from_row(row: &PgRow) -> Result<UserRow, sqlx::Error> {
     Ok(UserRow {
@@ -176,32 +207,78 @@ impl AuthStore for PgStore {
         row.as_ref().map(user_from_row).transpose().map_err(map_err)
     }
 
-    async fn update_user(&self, u: &UserRow) -> StoreResult<()> {
-        let done = sqlx::query(
-            "UPDATE users SET email = $2, password_hash = $3, email_verified = $4,
-                is_anonymous = $5, data = $6, claims = $7, providers = $8,
-                mfa_enabled = $9, disabled = $10, updated_at = $11, last_sign_in_at = $12
-             WHERE id = $1",
-        )
-        .bind(&u.id)
-        .bind(&u.email)
-        .bind(&u.password_hash)
-        .bind(u.email_verified)
-        .bind(u.is_anonymous)
-        .bind(&u.data)
-        .bind(&u.claims)
-        .bind(&u.providers)
-        .bind(u.mfa_enabled)
-        .bind(u.disabled)
-        .bind(u.updated_at)
-        .bind(u.last_sign_in_at)
-        .execute(&self.pool)
+    async fn update_user(
+        &self,
+        id: &str,
+        p: &UserPatch,
+        guard: &UserGuard,
+        revoke: &RevokeSessions,
+        at: DateTime<Utc>,
+    ) -> StoreResult<Guarded<UserRow>> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        // The row lock this UPDATE takes is what start_session and rotate_refresh_token wait
+        // on; the session revoke below is a later statement, so under READ COMMITTED its
+        // snapshot includes every session they committed while it waited. Every right-hand
+        // side reads the row as it was before the statement, so the email comparison sees
+        // the old address.
+        let row = sqlx::query(&format!(
+            "UPDATE users SET
+                email = COALESCE($2, email),
+                email_verified = CASE
+                    WHEN $3::boolean IS NOT NULL THEN $3
+                    WHEN $4 AND $2::text IS NOT NULL AND email IS DISTINCT FROM $2 THEN FALSE
+                    ELSE email_verified END,
+                password_hash = COALESCE($5, password_hash),
+                is_anonymous = COALESCE($6, is_anonymous),
+                providers = COALESCE($7, providers),
+                data = COALESCE($8, data),
+                claims = COALESCE($9, claims),
+                disabled = COALESCE($10, disabled),
+                updated_at = $11
+             WHERE id = $1 AND {}
+             RETURNING {USER_COLUMNS}",
+            guard_where(12)
+        ))
+        .bind(id)
+        .bind(&p.email)
+        .bind(p.email_verified)
+        .bind(p.unverify_changed_email)
+        .bind(&p.password_hash)
+        .bind(p.is_anonymous)
+        .bind(&p.providers)
+        .bind(&p.data)
+        .bind(&p.claims)
+        .bind(p.disabled)
+        .bind(at)
+        .bind(guard.enabled)
+        .bind(guard.password_hash.is_some())
+        .bind(guard.password_hash.clone().flatten())
+        .fetch_optional(&mut *tx)
         .await
         .map_err(map_err)?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
+        let Some(row) = row else {
+            return refusal(&mut tx, id, guard).await;
+        };
+        let user = user_from_row(&row).map_err(map_err)?;
+        let except = match revoke {
+            RevokeSessions::None => None,
+            RevokeSessions::All => Some(None),
+            RevokeSessions::AllExcept(keep) => Some(Some(keep.as_str())),
+        };
+        if let Some(except) = except {
+            sqlx::query(
+                "UPDATE sessions SET revoked_at = $2
+                 WHERE user_id = $1 AND revoked_at IS NULL AND ($3::text IS NULL OR id <> $3)",
+            )
+            .bind(id)
+            .bind(at)
+            .bind(except)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
         }
-        Ok(())
+        tx.commit().await.map_err(map_err)?;
+        Ok(Guarded::Done(user))
     }
 
     async fn delete_user(&self, id: &str) -> StoreResult<bool> {
@@ -240,8 +317,35 @@ impl AuthStore for PgStore {
             .map_err(map_err)
     }
 
-    async fn insert_session(&self, s: &SessionRow, t: &RefreshTokenRow) -> StoreResult<()> {
+    async fn start_session(
+        &self,
+        s: &SessionRow,
+        t: &RefreshTokenRow,
+        guard: &UserGuard,
+    ) -> StoreResult<Guarded<UserRow>> {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
+        // The UPDATE locks the user row until commit. An admin's disable (an UPDATE of the
+        // same row, then the revoke of every session, in one transaction) either committed
+        // first — this UPDATE waited for it, re-read the row and the guard refuses — or
+        // waits for this commit, and its revoke, a later statement with a later snapshot,
+        // sees and revokes the session made here.
+        let row = sqlx::query(&format!(
+            "UPDATE users SET last_sign_in_at = $2 WHERE id = $1 AND {}
+             RETURNING {USER_COLUMNS}",
+            guard_where(3)
+        ))
+        .bind(&s.user_id)
+        .bind(s.created_at)
+        .bind(guard.enabled)
+        .bind(guard.password_hash.is_some())
+        .bind(guard.password_hash.clone().flatten())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let Some(row) = row else {
+            return refusal(&mut tx, &s.user_id, guard).await;
+        };
+        let user = user_from_row(&row).map_err(map_err)?;
         sqlx::query(
             "INSERT INTO sessions (id, user_id, created_at, refreshed_at, user_agent, ip, revoked_at)
              VALUES ($1, $2, $3, $4, $5, $6, NULL)",
@@ -256,22 +360,8 @@ impl AuthStore for PgStore {
         .await
         .map_err(map_err)?;
         insert_refresh_token(&mut tx, t).await?;
-        tx.commit().await.map_err(map_err)
-    }
-
-    async fn session(&self, id: &str) -> StoreResult<Option<SessionRow>> {
-        let row = sqlx::query(
-            "SELECT id, user_id, created_at, refreshed_at, user_agent, ip, revoked_at
-             FROM sessions WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(map_err)?;
-        row.as_ref()
-            .map(session_from_row)
-            .transpose()
-            .map_err(map_err)
+        tx.commit().await.map_err(map_err)?;
+        Ok(Guarded::Done(user))
     }
 
     async fn list_sessions(&self, user_id: &str) -> StoreResult<Vec<SessionRow>> {
@@ -342,8 +432,29 @@ impl AuthStore for PgStore {
         at: DateTime<Utc>,
     ) -> StoreResult<Rotation> {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
-        // The row lock makes concurrent rotations of one token queue here: the first sees it
-        // live, every later one sees `rotated_at` set by the first.
+        // The user row first, FOR SHARE: it conflicts with the admin's UPDATE of the row, so
+        // a disable either committed before (this read waits, sees `disabled`) or waits for
+        // this commit and then revokes the session rotated here. Taking the user before the
+        // token keeps one lock order with every writer of users (no deadlock).
+        let user = sqlx::query(&format!(
+            "SELECT {USER_COLUMNS_OF_U} FROM refresh_tokens t
+             JOIN sessions s ON s.id = t.session_id
+             JOIN users u ON u.id = s.user_id
+             WHERE t.token_hash = $1 FOR SHARE OF u"
+        ))
+        .bind(old_hash)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let user = match user {
+            None => return Ok(Rotation::Unknown),
+            Some(row) => user_from_row(&row).map_err(map_err)?,
+        };
+        if user.disabled {
+            return Ok(Rotation::UserDisabled);
+        }
+        // The token row lock makes concurrent rotations of one token queue here: the first
+        // sees it live, every later one sees `rotated_at` set by the first.
         let current: Option<(Option<DateTime<Utc>>, Option<DateTime<Utc>>)> = sqlx::query_as(
             "SELECT t.rotated_at, s.revoked_at FROM refresh_tokens t
              JOIN sessions s ON s.id = t.session_id
@@ -355,7 +466,7 @@ impl AuthStore for PgStore {
         .map_err(map_err)?;
         let outcome = match current {
             None | Some((_, Some(_))) => Rotation::Unknown,
-            Some((Some(rotated_at), None)) => Rotation::AlreadyRotated { rotated_at },
+            Some((Some(rotated_at), None)) => Rotation::AlreadyRotated { rotated_at, user },
             Some((None, None)) => {
                 sqlx::query("UPDATE refresh_tokens SET rotated_at = $2 WHERE token_hash = $1")
                     .bind(old_hash)
@@ -363,14 +474,21 @@ impl AuthStore for PgStore {
                     .execute(&mut *tx)
                     .await
                     .map_err(map_err)?;
-                sqlx::query("UPDATE sessions SET refreshed_at = $2 WHERE id = $1")
-                    .bind(&new.session_id)
-                    .bind(at)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(map_err)?;
+                // A logout that committed since the read above is seen here (the UPDATE
+                // re-checks the row it waited for): then nothing is rotated.
+                let live = sqlx::query(
+                    "UPDATE sessions SET refreshed_at = $2 WHERE id = $1 AND revoked_at IS NULL",
+                )
+                .bind(&new.session_id)
+                .bind(at)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+                if live.rows_affected() == 0 {
+                    return Ok(Rotation::Unknown);
+                }
                 insert_refresh_token(&mut tx, new).await?;
-                Rotation::Rotated
+                Rotation::Rotated { user }
             }
         };
         tx.commit().await.map_err(map_err)?;
@@ -422,6 +540,48 @@ impl AuthStore for PgStore {
             .fetch_one(&self.pool)
             .await
             .map_err(map_err)
+    }
+
+    async fn insert_first_admin(
+        &self,
+        token_key: &str,
+        token_digest: &str,
+        a: &AdminRow,
+    ) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        // Two racing requests: the second DELETE waits for the first's row lock and, once
+        // that commits, finds the row gone.
+        let consumed = sqlx::query("DELETE FROM meta WHERE key = $1 AND value = $2")
+            .bind(token_key)
+            .bind(token_digest)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        if consumed.rows_affected() == 0 {
+            return Ok(false);
+        }
+        let admins: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM admins")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        if admins > 0 {
+            // A token left over once an admin exists is worthless; consuming it is fine.
+            tx.commit().await.map_err(map_err)?;
+            return Ok(false);
+        }
+        // An error here drops the transaction, rolling back the consumption too.
+        sqlx::query(
+            "INSERT INTO admins (id, email, password_hash, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&a.id)
+        .bind(&a.email)
+        .bind(&a.password_hash)
+        .bind(a.created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(true)
     }
 
     async fn insert_service_key(&self, k: &ServiceKeyRow) -> StoreResult<()> {

@@ -6,12 +6,39 @@ use rusqlite::{params, OptionalExtension, Row};
 
 use super::{map_err, parse_ts, parse_ts_opt, ts, SqliteStore};
 use crate::store::{
-    contains_pattern, AdminRow, AuditRow, AuthStore, NewAudit, RefreshTokenRow, Rotation,
-    ServiceKeyRow, SessionRow, SigningKeyRow, StoreResult, UserCursor, UserRow,
+    contains_pattern, AdminRow, AuditRow, AuthStore, Guarded, NewAudit, RefreshTokenRow,
+    RevokeSessions, Rotation, ServiceKeyRow, SessionRow, SigningKeyRow, StoreResult, UserCursor,
+    UserGuard, UserPatch, UserRow,
 };
 
 const USER_COLUMNS: &str = "id, email, password_hash, email_verified, is_anonymous, data, claims, \
      providers, mfa_enabled, disabled, created_at, updated_at, last_sign_in_at";
+
+/// The `u.`-qualified user columns, for joins.
+const USER_COLUMNS_OF_U: &str = "u.id, u.email, u.password_hash, u.email_verified, \
+     u.is_anonymous, u.data, u.claims, u.providers, u.mfa_enabled, u.disabled, u.created_at, \
+     u.updated_at, u.last_sign_in_at";
+
+/// The [`UserGuard`] as a condition on `users`, taking three parameters from `?first`: the
+/// `enabled` flag, whether to compare the hash, and the hash.
+fn guard_where(first: usize) -> String {
+    let (check, hash) = (first + 1, first + 2);
+    format!("(NOT ?{first} OR disabled = 0) AND (NOT ?{check} OR password_hash IS ?{hash})")
+}
+
+/// Explains why a guarded write matched no row. Runs in the write's own transaction, so
+/// what it reads is what the write saw.
+fn refusal<T>(
+    tx: &rusqlite::Transaction<'_>,
+    id: &str,
+    guard: &UserGuard,
+) -> StoreResult<Guarded<T>> {
+    let stored = tx
+        .prepare_cached("SELECT disabled, password_hash FROM users WHERE id = ?1")
+        .and_then(|mut s| s.query_row([id], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+        .map_err(map_err)?;
+    Ok(guard.refusal(stored))
+}
 
 fn json_col(row: &Row<'_>, idx: usize) -> rusqlite::Result<serde_json::Value> {
     let text: String = row.get(idx)?;
@@ -188,37 +215,75 @@ impl AuthStore for SqliteStore {
         .await
     }
 
-    async fn update_user(&self, user: &UserRow) -> StoreResult<()> {
-        let u = user.clone();
+    async fn update_user(
+        &self,
+        id: &str,
+        patch: &UserPatch,
+        guard: &UserGuard,
+        revoke: &RevokeSessions,
+        at: DateTime<Utc>,
+    ) -> StoreResult<Guarded<UserRow>> {
+        let (id, p, guard, revoke) = (id.to_string(), patch.clone(), guard.clone(), revoke.clone());
         self.write(move |tx| {
-            let n = tx
-                .prepare_cached(
-                    "UPDATE users SET email = ?2, password_hash = ?3, email_verified = ?4,
-                        is_anonymous = ?5, data = ?6, claims = ?7, providers = ?8,
-                        mfa_enabled = ?9, disabled = ?10, updated_at = ?11, last_sign_in_at = ?12
-                     WHERE id = ?1",
-                )
+            // Every right-hand side reads the row as it was before this statement, so the
+            // email comparison sees the old address.
+            let written = tx
+                .prepare_cached(&format!(
+                    "UPDATE users SET
+                        email = COALESCE(?2, email),
+                        email_verified = CASE
+                            WHEN ?3 IS NOT NULL THEN ?3
+                            WHEN ?4 AND ?2 IS NOT NULL AND email IS NOT ?2 THEN 0
+                            ELSE email_verified END,
+                        password_hash = COALESCE(?5, password_hash),
+                        is_anonymous = COALESCE(?6, is_anonymous),
+                        providers = COALESCE(?7, providers),
+                        data = COALESCE(?8, data),
+                        claims = COALESCE(?9, claims),
+                        disabled = COALESCE(?10, disabled),
+                        updated_at = ?11
+                     WHERE id = ?1 AND {}
+                     RETURNING {USER_COLUMNS}",
+                    guard_where(12)
+                ))
                 .and_then(|mut s| {
-                    s.execute(params![
-                        u.id,
-                        u.email,
-                        u.password_hash,
-                        u.email_verified,
-                        u.is_anonymous,
-                        u.data.to_string(),
-                        u.claims.to_string(),
-                        u.providers.to_string(),
-                        u.mfa_enabled,
-                        u.disabled,
-                        ts(&u.updated_at),
-                        u.last_sign_in_at.as_ref().map(ts),
-                    ])
+                    s.query_row(
+                        params![
+                            id,
+                            p.email,
+                            p.email_verified,
+                            p.unverify_changed_email,
+                            p.password_hash,
+                            p.is_anonymous,
+                            p.providers.as_ref().map(|v| v.to_string()),
+                            p.data.as_ref().map(|v| v.to_string()),
+                            p.claims.as_ref().map(|v| v.to_string()),
+                            p.disabled,
+                            ts(&at),
+                            guard.enabled,
+                            guard.password_hash.is_some(),
+                            guard.password_hash.clone().flatten(),
+                        ],
+                        user_from_row,
+                    )
+                    .optional()
                 })
                 .map_err(map_err)?;
-            if n == 0 {
-                return Err(crate::store::StoreError::NotFound);
-            }
-            Ok(())
+            let Some(user) = written else {
+                return refusal(tx, &id, &guard);
+            };
+            let except = match &revoke {
+                RevokeSessions::None => return Ok(Guarded::Done(user)),
+                RevokeSessions::All => None,
+                RevokeSessions::AllExcept(keep) => Some(keep.clone()),
+            };
+            tx.prepare_cached(
+                "UPDATE sessions SET revoked_at = ?2
+                 WHERE user_id = ?1 AND revoked_at IS NULL AND (?3 IS NULL OR id <> ?3)",
+            )
+            .and_then(|mut s| s.execute(params![id, ts(&at), except]))
+            .map_err(map_err)?;
+            Ok(Guarded::Done(user))
         })
         .await
     }
@@ -270,14 +335,39 @@ impl AuthStore for SqliteStore {
         .await
     }
 
-    async fn insert_session(
+    async fn start_session(
         &self,
         session: &SessionRow,
         token: &RefreshTokenRow,
-    ) -> StoreResult<()> {
-        let s = session.clone();
-        let t = token.clone();
+        guard: &UserGuard,
+    ) -> StoreResult<Guarded<UserRow>> {
+        let (s, t, guard) = (session.clone(), token.clone(), guard.clone());
+        // One job on the single writer: an admin's disable-and-revoke runs wholly before
+        // (then the guard refuses) or wholly after (then it revokes this session).
         self.write(move |tx| {
+            let user = tx
+                .prepare_cached(&format!(
+                    "UPDATE users SET last_sign_in_at = ?2 WHERE id = ?1 AND {}
+                     RETURNING {USER_COLUMNS}",
+                    guard_where(3)
+                ))
+                .and_then(|mut st| {
+                    st.query_row(
+                        params![
+                            s.user_id,
+                            ts(&s.created_at),
+                            guard.enabled,
+                            guard.password_hash.is_some(),
+                            guard.password_hash.clone().flatten(),
+                        ],
+                        user_from_row,
+                    )
+                    .optional()
+                })
+                .map_err(map_err)?;
+            let Some(user) = user else {
+                return refusal(tx, &s.user_id, &guard);
+            };
             tx.prepare_cached(
                 "INSERT INTO sessions (id, user_id, created_at, refreshed_at, user_agent, ip, revoked_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL)",
@@ -294,20 +384,7 @@ impl AuthStore for SqliteStore {
             })
             .map_err(map_err)?;
             insert_refresh_token(tx, &t)?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn session(&self, id: &str) -> StoreResult<Option<SessionRow>> {
-        let id = id.to_string();
-        self.read_point(move |c| {
-            c.prepare_cached(
-                "SELECT id, user_id, created_at, refreshed_at, user_agent, ip, revoked_at
-                 FROM sessions WHERE id = ?1",
-            )
-            .and_then(|mut s| s.query_row([id], session_from_row).optional())
-            .map_err(map_err)
+            Ok(Guarded::Done(user))
         })
         .await
     }
@@ -386,36 +463,47 @@ impl AuthStore for SqliteStore {
         let old_hash = old_hash.to_string();
         let new = new.clone();
         self.write(move |tx| {
-            let current: Option<(Option<String>, Option<String>)> = tx
-                .prepare_cached(
-                    "SELECT t.rotated_at, s.revoked_at FROM refresh_tokens t
-                     JOIN sessions s ON s.id = t.session_id WHERE t.token_hash = ?1",
-                )
+            let current = tx
+                .prepare_cached(&format!(
+                    "SELECT {USER_COLUMNS_OF_U}, t.rotated_at, s.revoked_at FROM refresh_tokens t
+                     JOIN sessions s ON s.id = t.session_id
+                     JOIN users u ON u.id = s.user_id
+                     WHERE t.token_hash = ?1"
+                ))
                 .and_then(|mut s| {
-                    s.query_row([&old_hash], |r| Ok((r.get(0)?, r.get(1)?)))
-                        .optional()
+                    s.query_row([&old_hash], |r| {
+                        Ok((
+                            user_from_row(r)?,
+                            r.get::<_, Option<String>>(13)?,
+                            r.get::<_, Option<String>>(14)?,
+                        ))
+                    })
+                    .optional()
                 })
                 .map_err(map_err)?;
-            match current {
-                None | Some((_, Some(_))) => Ok(Rotation::Unknown),
-                Some((Some(rotated_at), None)) => Ok(Rotation::AlreadyRotated {
+            let (user, rotated_at) = match current {
+                None | Some((_, _, Some(_))) => return Ok(Rotation::Unknown),
+                Some((user, _, None)) if user.disabled => return Ok(Rotation::UserDisabled),
+                Some((user, rotated_at, None)) => (user, rotated_at),
+            };
+            if let Some(rotated_at) = rotated_at {
+                return Ok(Rotation::AlreadyRotated {
                     rotated_at: parse_ts(&rotated_at).map_err(map_err)?,
-                }),
-                Some((None, None)) => {
-                    tx.execute(
-                        "UPDATE refresh_tokens SET rotated_at = ?2 WHERE token_hash = ?1",
-                        params![old_hash, ts(&at)],
-                    )
-                    .map_err(map_err)?;
-                    tx.execute(
-                        "UPDATE sessions SET refreshed_at = ?2 WHERE id = ?1",
-                        params![new.session_id, ts(&at)],
-                    )
-                    .map_err(map_err)?;
-                    insert_refresh_token(tx, &new)?;
-                    Ok(Rotation::Rotated)
-                }
+                    user,
+                });
             }
+            tx.execute(
+                "UPDATE refresh_tokens SET rotated_at = ?2 WHERE token_hash = ?1",
+                params![old_hash, ts(&at)],
+            )
+            .map_err(map_err)?;
+            tx.execute(
+                "UPDATE sessions SET refreshed_at = ?2 WHERE id = ?1",
+                params![new.session_id, ts(&at)],
+            )
+            .map_err(map_err)?;
+            insert_refresh_token(tx, &new)?;
+            Ok(Rotation::Rotated { user })
         })
         .await
     }
@@ -461,6 +549,45 @@ impl AuthStore for SqliteStore {
         self.read(|c| {
             c.query_row("SELECT COUNT(*) FROM admins", [], |r| r.get(0))
                 .map_err(map_err)
+        })
+        .await
+    }
+
+    async fn insert_first_admin(
+        &self,
+        token_key: &str,
+        token_digest: &str,
+        admin: &AdminRow,
+    ) -> StoreResult<bool> {
+        let (key, digest, a) = (
+            token_key.to_string(),
+            token_digest.to_string(),
+            admin.clone(),
+        );
+        self.write(move |tx| {
+            let consumed = tx
+                .execute(
+                    "DELETE FROM meta WHERE key = ?1 AND value = ?2",
+                    params![key, digest],
+                )
+                .map_err(map_err)?;
+            if consumed == 0 {
+                return Ok(false);
+            }
+            let admins: i64 = tx
+                .query_row("SELECT COUNT(*) FROM admins", [], |r| r.get(0))
+                .map_err(map_err)?;
+            if admins > 0 {
+                // A token left over once an admin exists is worthless; consuming it is fine.
+                return Ok(false);
+            }
+            // An error here rolls back the consumption too: the token still works.
+            tx.execute(
+                "INSERT INTO admins (id, email, password_hash, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![a.id, a.email, a.password_hash, ts(&a.created_at)],
+            )
+            .map_err(map_err)?;
+            Ok(true)
         })
         .await
     }
