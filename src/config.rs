@@ -114,6 +114,20 @@ pub struct HttpConfig {
     pub cors_origins: Vec<String>,
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
     pub shutdown_grace_secs: u64,
+    /// Seconds a client has to send a request's line and headers, counted from the
+    /// connection's start or the request's first byte; slower connections are closed.
+    pub header_read_timeout_secs: u64,
+    /// Seconds a keep-alive connection may sit with no request (or a client may stop
+    /// reading an answer) before it is closed.
+    pub idle_timeout_secs: u64,
+    /// Seconds a request's whole body has to arrive, counted from its headers; later → 408.
+    pub body_read_timeout_secs: u64,
+    /// Open connections served at once (lowered to fit the file-descriptor limit).
+    pub max_connections: usize,
+    /// Longest request target (path and query) in bytes; longer → 414.
+    pub max_uri_bytes: usize,
+    /// Largest request head (request line and headers) in bytes; larger → 431.
+    pub max_header_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -210,6 +224,12 @@ impl Default for HttpConfig {
             body_limit: 1024 * 1024,
             cors_origins: vec!["*".into()],
             shutdown_grace_secs: 30,
+            header_read_timeout_secs: 10,
+            idle_timeout_secs: 60,
+            body_read_timeout_secs: 60,
+            max_connections: 10_000,
+            max_uri_bytes: 8 * 1024,
+            max_header_bytes: 32 * 1024,
         }
     }
 }
@@ -331,6 +351,36 @@ impl Config {
         if self.http.body_limit < 1024 {
             return Err(ConfigError(
                 "`http.body_limit`: must be at least 1024 bytes".into(),
+            ));
+        }
+        for (key, secs) in [
+            (
+                "http.header_read_timeout_secs",
+                self.http.header_read_timeout_secs,
+            ),
+            ("http.idle_timeout_secs", self.http.idle_timeout_secs),
+            (
+                "http.body_read_timeout_secs",
+                self.http.body_read_timeout_secs,
+            ),
+        ] {
+            if secs == 0 {
+                return Err(ConfigError(format!("`{key}`: must be positive")));
+            }
+        }
+        if self.http.max_connections == 0 {
+            return Err(ConfigError(
+                "`http.max_connections`: must be positive".into(),
+            ));
+        }
+        if self.http.max_header_bytes < 8 * 1024 {
+            return Err(ConfigError(
+                "`http.max_header_bytes`: must be at least 8192 bytes".into(),
+            ));
+        }
+        if self.http.max_uri_bytes < 256 || self.http.max_uri_bytes >= self.http.max_header_bytes {
+            return Err(ConfigError(
+                "`http.max_uri_bytes`: must be at least 256 and below http.max_header_bytes".into(),
             ));
         }
         if self.storage.backend == StorageBackend::S3 && self.storage.s3.bucket.is_none() {
