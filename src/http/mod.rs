@@ -3,7 +3,7 @@
 //! route cannot be served without being described). Cross-cutting layers ([`layers`]):
 //! request ids, request logs, CORS, limits on the request target and on the time a body may
 //! take to arrive, the body size limit, the error envelope for every non-handler error,
-//! metrics. [`server`] serves the result.
+//! metrics, and a 500 in the envelope for a handler that panics. [`server`] serves the result.
 
 pub mod admin;
 pub mod auth;
@@ -26,6 +26,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use tower_http::trace::TraceLayer;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -104,6 +105,7 @@ pub fn layers(router: Router, config: &Config) -> Router {
     let body_deadline = Duration::from_secs(config.http.body_read_timeout_secs);
     let max_uri_bytes = config.http.max_uri_bytes;
     router
+        .layer(CatchPanicLayer::custom(panic_response))
         .layer(middleware::from_fn(telemetry_metrics))
         .layer(middleware::from_fn(normalize_errors))
         .layer(DefaultBodyLimit::max(config.http.body_limit))
@@ -125,6 +127,18 @@ pub fn layers(router: Router, config: &Config) -> Router {
             }),
         )
         .layer(middleware::from_fn(request_id))
+}
+
+/// The answer to a handler that panicked. The panic itself is logged once, with its
+/// message, place and request id, by the panic hook (`telemetry::init`); the client sees
+/// only an opaque 500 and the connection stays usable.
+fn panic_response(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    envelope(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "internal error",
+        None,
+    )
 }
 
 /// The code and message of the envelope for the protocol-level errors: those answered here

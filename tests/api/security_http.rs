@@ -1,6 +1,6 @@
 //! The HTTP server against hostile clients, over raw sockets: heads and bodies trickled a
 //! byte at a time, idle and slow connections past the connection cap, requests hyper cannot
-//! parse or will not buffer.
+//! parse or will not buffer, a handler that panics.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -454,6 +454,36 @@ async fn serve_router(
         },
     ));
     (addr, stop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_answers_500_in_the_envelope_and_keeps_the_connection() {
+    async fn boom() -> &'static str {
+        let index: usize = "7".parse().unwrap_or_default();
+        ["only one"][index]
+    }
+    let router = axum::Router::new()
+        .route("/boom", get(boom))
+        .route("/fine", get(|| async { "fine" }));
+    let (addr, _stop) = serve_router(router, |_| {}).await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /boom HTTP/1.1\r\nhost: x\r\nx-request-id: panic-trace-1\r\n\r\n")
+        .await
+        .unwrap();
+    let reply = read_reply(&mut stream).await;
+    reply.assert_envelope(500, "internal");
+    assert_eq!(reply.body["error"]["request_id"], "panic-trace-1");
+    assert!(
+        !reply.body.to_string().contains("out of bounds"),
+        "the panic message leaked: {reply:?}"
+    );
+    // The same connection serves the next request.
+    stream
+        .write_all(b"GET /fine HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_reply(&mut stream).await.status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
