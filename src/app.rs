@@ -1,5 +1,5 @@
-//! The application: shared state, building it from a [`Config`], binding the listener and
-//! serving until a shutdown signal, after which
+//! The application: shared state, building it from a [`Config`], binding the listeners (the
+//! API, and `metrics.listen` when set) and serving until a shutdown signal, after which
 //! in-flight requests are given time to finish. How connections are served is
 //! [`crate::http::server`]'s business.
 
@@ -34,6 +34,8 @@ pub struct AppState {
 
 pub struct App {
     listener: TcpListener,
+    /// The listener serving only `/metrics`, when `metrics.listen` is set.
+    metrics_listener: Option<TcpListener>,
     state: AppState,
     /// The one-time admin setup token, when no admin exists yet (logged at start).
     setup_token: Option<String>,
@@ -47,6 +49,12 @@ impl App {
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+        let metrics_listener = match config.metrics.listen {
+            Some(address) => Some(TcpListener::bind(address).await.map_err(|e| {
+                anyhow::anyhow!("cannot listen on {address} (metrics.listen): {e}")
+            })?),
+            None => None,
+        };
         let local_addr = listener.local_addr()?;
         let public_url: Arc<str> = config.public_url(local_addr).into();
         let store =
@@ -71,6 +79,7 @@ impl App {
         let setup_token = state.auth.setup_token().await?;
         Ok(App {
             listener,
+            metrics_listener,
             state,
             setup_token,
         })
@@ -80,6 +89,13 @@ impl App {
         self.listener
             .local_addr()
             .expect("a bound listener has an address")
+    }
+
+    /// The address of the `metrics.listen` listener, when there is one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     pub fn state(&self) -> &AppState {
@@ -115,6 +131,23 @@ impl App {
             let _ = rx.wait_for(|stopped| *stopped).await;
         };
         tracing::info!(address = %self.local_addr(), database = state.store.dialect(), "basalt is listening");
+        let metrics = self.metrics_listener.map(|listener| {
+            if let Ok(address) = listener.local_addr() {
+                tracing::info!(%address, "serving /metrics on its own listener");
+            }
+            // Scrapers need few connections; the cap keeps this port from being a second
+            // way to exhaust descriptors.
+            let options = ServeOptions {
+                max_connections: 64,
+                ..options.clone()
+            };
+            tokio::spawn(serve(
+                listener,
+                crate::http::metrics_router(state.clone()),
+                options,
+                stopped(stop_rx.clone()),
+            ))
+        });
         serve(
             self.listener,
             crate::http::router(state.clone()),
@@ -122,6 +155,9 @@ impl App {
             stopped(stop_rx),
         )
         .await;
+        if let Some(metrics) = metrics {
+            let _ = metrics.await;
+        }
         background.abort();
         Ok(())
     }

@@ -54,6 +54,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub rate_limit: RateLimitConfig,
     pub documents: DocumentsConfig,
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -163,6 +164,18 @@ pub struct RateLimitConfig {
     pub auth_per_account_per_minute: u32,
 }
 
+/// Who may read `/metrics`. On the main listener: an admin token, a service key, or
+/// `token`. On `listen` (a listener serving only `/metrics`, meant for a private interface):
+/// anyone, or only holders of `token` when it is set.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// A bearer token for scrapers (`Authorization: Bearer <token>`).
+    pub token: Option<Secret<String>>,
+    /// A separate address serving only `/metrics`.
+    pub listen: Option<SocketAddr>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DocumentsConfig {
@@ -187,6 +200,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             rate_limit: RateLimitConfig::default(),
             documents: DocumentsConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -383,6 +397,16 @@ impl Config {
                 "`http.max_uri_bytes`: must be at least 256 and below http.max_header_bytes".into(),
             ));
         }
+        if self
+            .metrics
+            .token
+            .as_ref()
+            .is_some_and(|t| t.expose().len() < 16)
+        {
+            return Err(ConfigError(
+                "`metrics.token`: must be at least 16 characters".into(),
+            ));
+        }
         if self.storage.backend == StorageBackend::S3 && self.storage.s3.bucket.is_none() {
             return Err(ConfigError(
                 "`storage.s3.bucket`: required when storage.backend is s3".into(),
@@ -437,6 +461,7 @@ const TOP_LEVEL: &[&str] = &[
     "auth",
     "rate_limit",
     "documents",
+    "metrics",
 ];
 
 fn names_setting(key_after_prefix: &str) -> bool {
@@ -500,6 +525,19 @@ mod tests {
             jail.set_env("BASALT_DATABASE__ULR", "postgres://x");
             let err = Config::load(None).unwrap_err().to_string();
             assert!(err.contains("ulr"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_short_metrics_token_is_refused_and_never_printed() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("BASALT_METRICS__TOKEN", "short");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("metrics.token"), "{err}");
+            jail.set_env("BASALT_METRICS__TOKEN", "a-long-enough-scrape-token");
+            let config = Config::load(None).expect("loads");
+            assert!(!format!("{config:?}").contains("scrape-token"));
             Ok(())
         });
     }

@@ -99,6 +99,16 @@ pub fn router(state: AppState) -> Router {
     layers(router, &config)
 }
 
+/// The router of the dedicated metrics listener (`metrics.listen`): `/metrics` only.
+pub fn metrics_router(state: AppState) -> Router {
+    let config = state.config.clone();
+    let router = Router::new()
+        .route("/metrics", axum::routing::get(ops::metrics_on_own_listener))
+        .fallback(|| async { crate::error::ApiError::NotFound("no such route".into()) })
+        .with_state(state);
+    layers(router, &config)
+}
+
 /// The middleware stack every listener's router is wrapped in. Public so that tests can
 /// put routes the product does not have (a handler that panics) under the very same stack.
 pub fn layers(router: Router, config: &Config) -> Router {

@@ -86,6 +86,8 @@ async fn fresh_postgres_database() -> String {
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The `metrics.listen` listener's address, when the test configured one.
+    pub metrics_addr: Option<SocketAddr>,
     pub client: reqwest::Client,
     pub state: AppState,
     /// The setup token the server logged, when it started without an admin.
@@ -124,6 +126,7 @@ pub async fn spawn_app_with(backend: Backend, adjust: impl FnOnce(&mut Config)) 
     adjust(&mut config);
     let app = App::build(config.clone()).await.expect("server builds");
     let addr = app.local_addr();
+    let metrics_addr = app.metrics_addr();
     let state = app.state().clone();
     let setup_token = app.setup_token().map(str::to_string);
     let (tx, rx) = oneshot::channel::<()>();
@@ -132,6 +135,7 @@ pub async fn spawn_app_with(backend: Backend, adjust: impl FnOnce(&mut Config)) 
     }));
     TestApp {
         addr,
+        metrics_addr,
         client: reqwest::Client::new(),
         state,
         setup_token,

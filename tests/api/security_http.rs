@@ -1,13 +1,14 @@
 //! The HTTP server against hostile clients, over raw sockets: heads and bodies trickled a
 //! byte at a time, idle and slow connections past the connection cap, requests hyper cannot
-//! parse or will not buffer, a handler that panics.
+//! parse or will not buffer, a handler that panics, and who may read `/metrics`.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use axum::routing::get;
+use basalt::config::Secret;
 use basalt::http::server::{serve, ServeOptions};
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -25,6 +26,8 @@ store_tests!(
     over_large_or_too_many_headers_are_431_in_the_envelope,
     bytes_that_are_not_http_get_400_in_the_envelope,
     a_malformed_request_after_a_good_one_on_the_same_connection_gets_the_envelope,
+    metrics_need_an_admin_token_a_service_key_or_the_metrics_token,
+    a_metrics_listener_serves_only_metrics,
 );
 
 /// An answer read off a raw socket.
@@ -430,6 +433,90 @@ async fn a_malformed_request_after_a_good_one_on_the_same_connection_gets_the_en
     read_reply(&mut stream)
         .await
         .assert_envelope(400, "invalid_argument");
+}
+
+async fn metrics_need_an_admin_token_a_service_key_or_the_metrics_token(backend: Backend) {
+    let metrics_token = "scrape-me-0123456789abcdef";
+    let app = spawn_app_with(backend, |c| {
+        c.metrics.token = Some(Secret::new(metrics_token.into()))
+    })
+    .await;
+    app.get("/health", None).await;
+    app.get("/metrics", None)
+        .await
+        .assert_error(401, "unauthenticated");
+    app.get("/metrics", Some("not-the-token"))
+        .await
+        .assert_error(401, "unauthenticated");
+    let (_, user, _) = app.user("metrics-user@example.com").await;
+    app.get("/metrics", Some(&user))
+        .await
+        .assert_error(403, "permission_denied");
+    let admin = app.admin_token().await;
+    let key = app
+        .post("/v1/admin/keys", Some(&admin), json!({"name": "scraper"}))
+        .await
+        .body["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for credential in [admin.as_str(), key.as_str(), metrics_token] {
+        let reply = app.get("/metrics", Some(credential)).await;
+        assert_eq!(reply.status.as_u16(), 200, "{}", reply.text);
+        assert!(reply.text.contains("http_requests_total"), "{}", reply.text);
+    }
+    // Without a configured token, that credential is just an unknown bearer token.
+    let plain = spawn_app_with(backend, |_| {}).await;
+    plain
+        .get("/metrics", Some(metrics_token))
+        .await
+        .assert_error(401, "unauthenticated");
+}
+
+async fn a_metrics_listener_serves_only_metrics(backend: Backend) {
+    let app = spawn_app_with(backend, |c| {
+        c.metrics.listen = Some("127.0.0.1:0".parse().unwrap())
+    })
+    .await;
+    let metrics = app.metrics_addr.expect("a metrics listener");
+    app.get("/health", None).await;
+    let client = reqwest::Client::new();
+    let reply = client
+        .get(format!("http://{metrics}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status().as_u16(), 200);
+    assert!(reply.text().await.unwrap().contains("http_requests_total"));
+    for path in ["/health", "/v1/auth/user", "/v1/openapi.json"] {
+        let reply = crate::helpers::TestApp::reply(
+            client
+                .get(format!("http://{metrics}{path}"))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        reply.assert_error(404, "not_found");
+    }
+    // The main listener still wants a credential.
+    app.get("/metrics", None)
+        .await
+        .assert_error(401, "unauthenticated");
+
+    let token = "private-scraper-token-42";
+    let guarded = spawn_app_with(backend, |c| {
+        c.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
+        c.metrics.token = Some(Secret::new(token.into()));
+    })
+    .await;
+    let metrics = guarded.metrics_addr.unwrap();
+    let url = format!("http://{metrics}/metrics");
+    crate::helpers::TestApp::reply(client.get(&url).send().await.unwrap())
+        .await
+        .assert_error(401, "unauthenticated");
+    let reply = client.get(&url).bearer_auth(token).send().await.unwrap();
+    assert_eq!(reply.status().as_u16(), 200);
 }
 
 /// Serves `router` under the production middleware stack and connection layer on a free
