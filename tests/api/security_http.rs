@@ -267,7 +267,14 @@ async fn slow_connections_past_the_cap_give_way_to_real_requests(backend: Backen
     })
     .await;
     let mut slow = Vec::new();
-    for _ in 0..cap + 4 {
+    for _ in 0..cap {
+        slow.push(half_head(app.addr).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Connections are left a quarter second to send their head before they may be made to
+    // give way.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..4 {
         slow.push(half_head(app.addr).await);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
