@@ -24,8 +24,9 @@
 //!   over `max_header_bytes`, too many headers) itself, with a bare status and no body. Such an
 //!   answer can only be written while no request is being handled, so the connection's writer
 //!   recognises it there and sends the same status in the JSON envelope instead.
-//! - **Shutdown.** The listener closes at once; connections finish their request and close;
-//!   after the grace period the rest are closed.
+//! - **Shutdown.** The listener closes at once, and so do connections without a request in
+//!   progress; the others finish their request and close; after the grace period the rest
+//!   are closed.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -245,6 +246,9 @@ pub async fn serve(
     }
     drop(listener);
     let _ = stop_tx.send(true);
+    // Nobody waits for an answer on a connection without a request in progress (a head not
+    // yet complete, an idle keep-alive): those close now rather than at their timeout.
+    registry.close_waiting();
     if tokio::time::timeout(options.shutdown_grace, registry.wait_empty())
         .await
         .is_err()
@@ -463,6 +467,14 @@ impl Registry {
                 true
             }
             None => false,
+        }
+    }
+
+    fn close_waiting(&self) {
+        for conn in self.lock().values() {
+            if conn.waiting_since().is_some() {
+                conn.close();
+            }
         }
     }
 

@@ -26,6 +26,7 @@ store_tests!(
     over_large_or_too_many_headers_are_431_in_the_envelope,
     bytes_that_are_not_http_get_400_in_the_envelope,
     a_malformed_request_after_a_good_one_on_the_same_connection_gets_the_envelope,
+    shutdown_does_not_wait_for_connections_without_a_request,
     metrics_need_an_admin_token_a_service_key_or_the_metrics_token,
     a_metrics_listener_serves_only_metrics,
 );
@@ -294,6 +295,33 @@ async fn slow_connections_past_the_cap_give_way_to_real_requests(backend: Backen
     assert!(!closed[cap + 3], "the newest slow connection was closed");
     drop(slow);
     assert_eq!(health_on(app.addr).await.status, 200);
+}
+
+async fn shutdown_does_not_wait_for_connections_without_a_request(backend: Backend) {
+    let app = spawn_app_with(backend, |c| {
+        c.http.header_read_timeout_secs = 30;
+        c.http.idle_timeout_secs = 30;
+        c.http.shutdown_grace_secs = 20;
+    })
+    .await;
+    let mut half = half_head(app.addr).await;
+    let mut idle = TcpStream::connect(app.addr).await.unwrap();
+    idle.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_reply(&mut idle).await.status, 200);
+    let mut silent = TcpStream::connect(app.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    app.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "shutdown waited {:?} for connections with no request",
+        started.elapsed()
+    );
+    for stream in [&mut half, &mut idle, &mut silent] {
+        assert!(closed_within(stream, Duration::from_secs(1)).await);
+    }
 }
 
 /// Opens a connection whose request is being handled: a JSON body that never arrives.
