@@ -183,11 +183,14 @@ pub async fn serve(
     let grace = options.header_read_timeout.min(EVICTION_GRACE);
     let registry = Arc::new(Registry::default());
     let busy_answers = Arc::new(Semaphore::new(BUSY_ANSWERS));
-    let mut builder = http1::Builder::new();
-    builder
-        .header_read_timeout(None)
+    let mut http = http1::Builder::new();
+    http.header_read_timeout(None)
         .max_header_size(options.max_header_bytes);
-    let builder = Arc::new(builder);
+    let listener_wide = Arc::new(ListenerWide {
+        router,
+        http,
+        options: options.clone(),
+    });
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut warned = Warned::default();
     tokio::pin!(shutdown);
@@ -236,12 +239,9 @@ pub async fn serve(
         tokio::spawn(serve_connection(
             stream,
             remote,
-            router.clone(),
-            conn,
-            slot,
-            builder.clone(),
+            (conn, slot),
+            listener_wide.clone(),
             stop_rx.clone(),
-            options.clone(),
         ));
     }
     drop(listener);
@@ -261,16 +261,19 @@ pub async fn serve(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What every connection of one listener shares.
+struct ListenerWide {
+    router: Router,
+    http: http1::Builder,
+    options: ServeOptions,
+}
+
 async fn serve_connection(
     stream: TcpStream,
     remote: SocketAddr,
-    router: Router,
-    conn: Arc<Conn>,
-    slot: Slot,
-    builder: Arc<http1::Builder>,
+    (conn, slot): (Arc<Conn>, Slot),
+    shared: Arc<ListenerWide>,
     mut stop: watch::Receiver<bool>,
-    options: ServeOptions,
 ) {
     let io = TokioIo::new(WatchedIo {
         stream,
@@ -279,11 +282,11 @@ async fn serve_connection(
         _slot: slot,
     });
     let service = ConnService {
-        router,
+        router: shared.router.clone(),
         remote,
         conn: conn.clone(),
     };
-    let connection = builder.serve_connection(io, service).with_upgrades();
+    let connection = shared.http.serve_connection(io, service).with_upgrades();
     tokio::pin!(connection);
     let mut draining = *stop.borrow();
     if draining {
@@ -298,7 +301,7 @@ async fn serve_connection(
                 return;
             }
             // Dropping the connection closes the socket.
-            _ = conn.expired(&options) => {
+            _ = conn.expired(&shared.options) => {
                 tracing::debug!(%remote, "closing a connection past its deadline");
                 return;
             }
