@@ -1,5 +1,7 @@
-//! The application: shared state, building it from a [`Config`], binding the listener and
-//! serving until a shutdown signal, after which in-flight requests are given time to finish.
+//! The application: shared state, building it from a [`Config`], binding the listeners (the
+//! API, and `metrics.listen` when set) and serving until a shutdown signal, after which
+//! in-flight requests are given time to finish. How connections are served is
+//! [`crate::http::server`]'s business.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -8,11 +10,13 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::auth::limits::AuthRateLimits;
 use crate::auth::AuthService;
 use crate::config::Config;
 use crate::documents::DocumentService;
+use crate::http::server::{serve, ServeOptions};
 use crate::store::Store;
 
 /// What every handler can reach. Cheap to clone.
@@ -30,6 +34,8 @@ pub struct AppState {
 
 pub struct App {
     listener: TcpListener,
+    /// The listener serving only `/metrics`, when `metrics.listen` is set.
+    metrics_listener: Option<TcpListener>,
     state: AppState,
     /// The one-time admin setup token, when no admin exists yet (logged at start).
     setup_token: Option<String>,
@@ -39,9 +45,16 @@ impl App {
     /// Opens the store (applying migrations), loads or creates the signing keys and binds the
     /// listener. Port 0 binds a free port (tests); [`App::local_addr`] tells which.
     pub async fn build(config: Config) -> anyhow::Result<App> {
+        crate::http::server::raise_fd_limit();
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+        let metrics_listener = match config.metrics.listen {
+            Some(address) => Some(TcpListener::bind(address).await.map_err(|e| {
+                anyhow::anyhow!("cannot listen on {address} (metrics.listen): {e}")
+            })?),
+            None => None,
+        };
         let local_addr = listener.local_addr()?;
         let public_url: Arc<str> = config.public_url(local_addr).into();
         let store =
@@ -65,6 +78,7 @@ impl App {
         let setup_token = state.auth.setup_token().await?;
         Ok(App {
             listener,
+            metrics_listener,
             state,
             setup_token,
         })
@@ -74,6 +88,13 @@ impl App {
         self.listener
             .local_addr()
             .expect("a bound listener has an address")
+    }
+
+    /// The address of the `metrics.listen` listener, when there is one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     pub fn state(&self) -> &AppState {
@@ -98,34 +119,46 @@ impl App {
             );
         }
         let background = tokio::spawn(background_tasks(state.clone()));
-        let app = crate::http::router(state.clone());
-        let grace = Duration::from_secs(state.config.http.shutdown_grace_secs);
-        let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
-        let signal = async move {
+        let options = ServeOptions::from_config(&state.config.http);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(async move {
             shutdown.await;
             tracing::info!("shutting down: finishing in-flight requests");
-            let _ = stopped_tx.send(());
+            let _ = stop_tx.send(true);
+        });
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stopped| *stopped).await;
         };
         tracing::info!(address = %self.local_addr(), database = state.store.dialect(), "basalt is listening");
-        let server = axum::serve(
-            self.listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(signal);
-        let server = tokio::spawn(async move { server.await });
-        // Once the signal fired, in-flight requests get `grace` to finish.
-        let result = tokio::select! {
-            result = server => result.map_err(anyhow::Error::from).and_then(|r| r.map_err(anyhow::Error::from)),
-            _ = async {
-                let _ = stopped_rx.await;
-                tokio::time::sleep(grace).await;
-            } => {
-                tracing::warn!("shutdown grace period over; dropping remaining connections");
-                Ok(())
+        let metrics = self.metrics_listener.map(|listener| {
+            if let Ok(address) = listener.local_addr() {
+                tracing::info!(%address, "serving /metrics on its own listener");
             }
-        };
+            // Scrapers need few connections; the cap keeps this port from being a second
+            // way to exhaust descriptors.
+            let options = ServeOptions {
+                max_connections: 64,
+                ..options.clone()
+            };
+            tokio::spawn(serve(
+                listener,
+                crate::http::metrics_router(state.clone()),
+                options,
+                stopped(stop_rx.clone()),
+            ))
+        });
+        serve(
+            self.listener,
+            crate::http::router(state.clone()),
+            options,
+            stopped(stop_rx),
+        )
+        .await;
+        if let Some(metrics) = metrics {
+            let _ = metrics.await;
+        }
         background.abort();
-        result
+        Ok(())
     }
 }
 

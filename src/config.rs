@@ -54,6 +54,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub rate_limit: RateLimitConfig,
     pub documents: DocumentsConfig,
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -114,6 +115,20 @@ pub struct HttpConfig {
     pub cors_origins: Vec<String>,
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
     pub shutdown_grace_secs: u64,
+    /// Seconds a client has to send a request's line and headers, counted from the
+    /// connection's start or the request's first byte; slower connections are closed.
+    pub header_read_timeout_secs: u64,
+    /// Seconds a keep-alive connection may sit with no request (or a client may stop
+    /// reading an answer) before it is closed.
+    pub idle_timeout_secs: u64,
+    /// Seconds a request's whole body has to arrive, counted from its headers; later → 408.
+    pub body_read_timeout_secs: u64,
+    /// Open connections served at once (lowered to fit the file-descriptor limit).
+    pub max_connections: usize,
+    /// Longest request target (path and query) in bytes; longer → 414.
+    pub max_uri_bytes: usize,
+    /// Largest request head (request line and headers) in bytes; larger → 431.
+    pub max_header_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -149,6 +164,18 @@ pub struct RateLimitConfig {
     pub auth_per_account_per_minute: u32,
 }
 
+/// Who may read `/metrics`. On the main listener: an admin token, a service key, or
+/// `token`. On `listen` (a listener serving only `/metrics`, meant for a private interface):
+/// anyone, or only holders of `token` when it is set.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// A bearer token for scrapers (`Authorization: Bearer <token>`).
+    pub token: Option<Secret<String>>,
+    /// A separate address serving only `/metrics`.
+    pub listen: Option<SocketAddr>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DocumentsConfig {
@@ -173,6 +200,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             rate_limit: RateLimitConfig::default(),
             documents: DocumentsConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -210,6 +238,12 @@ impl Default for HttpConfig {
             body_limit: 1024 * 1024,
             cors_origins: vec!["*".into()],
             shutdown_grace_secs: 30,
+            header_read_timeout_secs: 10,
+            idle_timeout_secs: 60,
+            body_read_timeout_secs: 60,
+            max_connections: 10_000,
+            max_uri_bytes: 8 * 1024,
+            max_header_bytes: 32 * 1024,
         }
     }
 }
@@ -333,6 +367,46 @@ impl Config {
                 "`http.body_limit`: must be at least 1024 bytes".into(),
             ));
         }
+        for (key, secs) in [
+            (
+                "http.header_read_timeout_secs",
+                self.http.header_read_timeout_secs,
+            ),
+            ("http.idle_timeout_secs", self.http.idle_timeout_secs),
+            (
+                "http.body_read_timeout_secs",
+                self.http.body_read_timeout_secs,
+            ),
+        ] {
+            if secs == 0 {
+                return Err(ConfigError(format!("`{key}`: must be positive")));
+            }
+        }
+        if self.http.max_connections == 0 {
+            return Err(ConfigError(
+                "`http.max_connections`: must be positive".into(),
+            ));
+        }
+        if self.http.max_header_bytes < 8 * 1024 {
+            return Err(ConfigError(
+                "`http.max_header_bytes`: must be at least 8192 bytes".into(),
+            ));
+        }
+        if self.http.max_uri_bytes < 256 || self.http.max_uri_bytes >= self.http.max_header_bytes {
+            return Err(ConfigError(
+                "`http.max_uri_bytes`: must be at least 256 and below http.max_header_bytes".into(),
+            ));
+        }
+        if self
+            .metrics
+            .token
+            .as_ref()
+            .is_some_and(|t| t.expose().len() < 16)
+        {
+            return Err(ConfigError(
+                "`metrics.token`: must be at least 16 characters".into(),
+            ));
+        }
         if self.storage.backend == StorageBackend::S3 && self.storage.s3.bucket.is_none() {
             return Err(ConfigError(
                 "`storage.s3.bucket`: required when storage.backend is s3".into(),
@@ -387,6 +461,7 @@ const TOP_LEVEL: &[&str] = &[
     "auth",
     "rate_limit",
     "documents",
+    "metrics",
 ];
 
 fn names_setting(key_after_prefix: &str) -> bool {
@@ -450,6 +525,19 @@ mod tests {
             jail.set_env("BASALT_DATABASE__ULR", "postgres://x");
             let err = Config::load(None).unwrap_err().to_string();
             assert!(err.contains("ulr"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_short_metrics_token_is_refused_and_never_printed() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("BASALT_METRICS__TOKEN", "short");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("metrics.token"), "{err}");
+            jail.set_env("BASALT_METRICS__TOKEN", "a-long-enough-scrape-token");
+            let config = Config::load(None).expect("loads");
+            assert!(!format!("{config:?}").contains("scrape-token"));
             Ok(())
         });
     }

@@ -1,6 +1,7 @@
 //! Logs and metrics. Logs go through `tracing` (pretty by default, JSON with
 //! `log.format = "json"`); metrics through the `metrics` facade into one process-wide
-//! Prometheus recorder that `/metrics` renders.
+//! Prometheus recorder that `/metrics` renders. Panics are logged through `tracing` too (see
+//! [`init`]), so a panicking request leaves one structured line carrying its request id.
 
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -27,7 +28,35 @@ pub fn init(config: &LogConfig) {
             .try_init(),
     };
     // A second init (tests starting several servers) keeps the first subscriber.
-    let _ = result;
+    if result.is_ok() {
+        install_panic_hook();
+    }
+}
+
+/// Replaces the default panic output (free text on stderr, a second line for the backtrace
+/// note) with one error event: message, place, thread, the backtrace when `RUST_BACKTRACE`
+/// asks for one, and, through the current span, the request being served.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(a panic without a message)".into());
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
+            .unwrap_or_default();
+        let thread = std::thread::current();
+        let thread = thread.name().unwrap_or("unnamed");
+        let backtrace = std::backtrace::Backtrace::capture();
+        if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+            tracing::error!(panic.message = %message, panic.location = %location, thread, %backtrace, "panic");
+        } else {
+            tracing::error!(panic.message = %message, panic.location = %location, thread, "panic");
+        }
+    }));
 }
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();

@@ -1,14 +1,22 @@
 //! The HTTP surface: one router built from per-resource modules, each handler annotated for
 //! the OpenAPI document (utoipa-axum collects routes and their descriptions together, so a
-//! route cannot be served without being described). Cross-cutting layers: request ids, the
-//! error envelope for every non-handler error, metrics, request logs, CORS, the body limit.
+//! route cannot be served without being described). Cross-cutting layers ([`layers`]):
+//! request ids, request logs, CORS, limits on the request target and on the time a body may
+//! take to arrive, the body size limit, the error envelope for every non-handler error,
+//! metrics, and a 500 in the envelope for a handler that panics. [`server`] serves the result.
 
 pub mod admin;
 pub mod auth;
 pub mod documents;
 pub mod extract;
 pub mod ops;
+pub mod server;
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Request};
@@ -16,6 +24,9 @@ use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use tower_http::trace::TraceLayer;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -82,13 +93,39 @@ pub fn router(state: AppState) -> Router {
         }),
     );
     let config = state.config.clone();
-    router
+    let router = router
         .fallback(|| async { crate::error::ApiError::NotFound("no such route".into()) })
-        .with_state(state)
+        .with_state(state);
+    layers(router, &config)
+}
+
+/// The router of the dedicated metrics listener (`metrics.listen`): `/metrics` only.
+pub fn metrics_router(state: AppState) -> Router {
+    let config = state.config.clone();
+    let router = Router::new()
+        .route("/metrics", axum::routing::get(ops::metrics_on_own_listener))
+        .fallback(|| async { crate::error::ApiError::NotFound("no such route".into()) })
+        .with_state(state);
+    layers(router, &config)
+}
+
+/// The middleware stack every listener's router is wrapped in. Public so that tests can
+/// put routes the product does not have (a handler that panics) under the very same stack.
+pub fn layers(router: Router, config: &Config) -> Router {
+    let body_deadline = Duration::from_secs(config.http.body_read_timeout_secs);
+    let max_uri_bytes = config.http.max_uri_bytes;
+    router
+        .layer(CatchPanicLayer::custom(panic_response))
         .layer(middleware::from_fn(telemetry_metrics))
         .layer(middleware::from_fn(normalize_errors))
         .layer(DefaultBodyLimit::max(config.http.body_limit))
-        .layer(cors(&config))
+        .layer(middleware::from_fn(move |req: Request, next: Next| {
+            request_body_deadline(body_deadline, req, next)
+        }))
+        .layer(middleware::from_fn(move |req: Request, next: Next| {
+            request_target_limit(max_uri_bytes, req, next)
+        }))
+        .layer(cors(config))
         .layer(
             TraceLayer::new_for_http().make_span_with(|req: &Request| {
                 let id = req
@@ -100,6 +137,118 @@ pub fn router(state: AppState) -> Router {
             }),
         )
         .layer(middleware::from_fn(request_id))
+}
+
+/// The answer to a handler that panicked. The panic itself is logged once, with its
+/// message, place and request id, by the panic hook (`telemetry::init`); the client sees
+/// only an opaque 500 and the connection stays usable.
+fn panic_response(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    envelope(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "internal error",
+        None,
+    )
+}
+
+/// The code and message of the envelope for the protocol-level errors: those answered here
+/// and those hyper answers on its own (rewritten by [`server`]).
+pub(crate) fn protocol_error(status: StatusCode) -> (&'static str, &'static str) {
+    match status {
+        StatusCode::URI_TOO_LONG => (
+            "invalid_argument",
+            "the request target is longer than the server accepts (http.max_uri_bytes)",
+        ),
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => (
+            "invalid_argument",
+            "the request headers are larger or more numerous than the server accepts (http.max_header_bytes, 100 headers)",
+        ),
+        StatusCode::REQUEST_TIMEOUT => (
+            "request_timeout",
+            "the request body did not arrive in time (http.body_read_timeout_secs)",
+        ),
+        _ => ("invalid_argument", "the request is not valid HTTP/1.1"),
+    }
+}
+
+fn protocol_error_response(status: StatusCode) -> Response {
+    let (code, message) = protocol_error(status);
+    let mut response = envelope(status, code, message, None);
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// 414 in the envelope for a request target over `http.max_uri_bytes`. hyper's own limit
+/// (64 KiB, answered without a body) sits far above it.
+async fn request_target_limit(max_uri_bytes: usize, req: Request, next: Next) -> Response {
+    let uri = req.uri();
+    let length = uri.path_and_query().map_or(0, |pq| pq.as_str().len())
+        + uri.authority().map_or(0, |a| a.as_str().len());
+    if length > max_uri_bytes {
+        return protocol_error_response(StatusCode::URI_TOO_LONG);
+    }
+    next.run(req).await
+}
+
+/// Gives the whole request body one deadline from the moment its head arrived. A client
+/// trickling a byte now and then keeps no connection past it: reading the body fails, and
+/// the answer becomes 408 with `Connection: close`. (tower-http's body timeout restarts
+/// with every chunk, so it stops a silent client but not a trickling one.)
+async fn request_body_deadline(limit: Duration, req: Request, next: Next) -> Response {
+    let timed_out = Arc::new(AtomicBool::new(false));
+    let req = req.map(|body| {
+        axum::body::Body::new(DeadlineBody {
+            inner: body,
+            deadline: Box::pin(tokio::time::sleep(limit)),
+            timed_out: timed_out.clone(),
+        })
+    });
+    let response = next.run(req).await;
+    if timed_out.load(Ordering::Acquire) {
+        tracing::info!("the request body did not arrive in time");
+        return protocol_error_response(StatusCode::REQUEST_TIMEOUT);
+    }
+    response
+}
+
+struct DeadlineBody {
+    inner: axum::body::Body,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    timed_out: Arc<AtomicBool>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive in time")]
+struct BodyDeadlinePassed;
+
+impl http_body::Body for DeadlineBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let this = self.get_mut();
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        if this.deadline.as_mut().poll(cx).is_ready() {
+            this.timed_out.store(true, Ordering::Release);
+            return Poll::Ready(Some(Err(axum::Error::new(BodyDeadlinePassed))));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 async fn telemetry_metrics(req: Request, next: Next) -> Response {

@@ -3,6 +3,8 @@
 //!
 //! Store tests run twice through [`store_tests!`]: on SQLite, and on PostgreSQL when
 //! `BASALT_TEST_DATABASE_URL` points at a server (each test then gets a fresh database).
+//! Under CI (`CI` set) a missing URL fails the PostgreSQL variants instead of skipping them,
+//! so a misconfigured pipeline cannot pass with half the suite unrun.
 
 use std::net::SocketAddr;
 
@@ -35,8 +37,7 @@ macro_rules! store_tests {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    if $crate::helpers::postgres_url().is_none() {
-                        eprintln!("BASALT_TEST_DATABASE_URL is not set: PostgreSQL variant not run");
+                    if !$crate::helpers::postgres_available() {
                         return;
                     }
                     super::$name($crate::helpers::Backend::Postgres).await
@@ -50,6 +51,21 @@ pub fn postgres_url() -> Option<String> {
     std::env::var("BASALT_TEST_DATABASE_URL")
         .ok()
         .filter(|s| !s.is_empty())
+}
+
+/// Whether the PostgreSQL variant of a store test can run. Outside CI a missing URL skips
+/// it with a note; in CI it is a failure.
+pub fn postgres_available() -> bool {
+    if postgres_url().is_some() {
+        return true;
+    }
+    let in_ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+    assert!(
+        !in_ci,
+        "CI is set but BASALT_TEST_DATABASE_URL is not: the PostgreSQL variant must run in CI"
+    );
+    eprintln!("BASALT_TEST_DATABASE_URL is not set: PostgreSQL variant not run");
+    false
 }
 
 /// Creates a fresh, uniquely named database on the test PostgreSQL server.
@@ -70,6 +86,8 @@ async fn fresh_postgres_database() -> String {
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The `metrics.listen` listener's address, when the test configured one.
+    pub metrics_addr: Option<SocketAddr>,
     pub client: reqwest::Client,
     pub state: AppState,
     /// The setup token the server logged, when it started without an admin.
@@ -108,6 +126,7 @@ pub async fn spawn_app_with(backend: Backend, adjust: impl FnOnce(&mut Config)) 
     adjust(&mut config);
     let app = App::build(config.clone()).await.expect("server builds");
     let addr = app.local_addr();
+    let metrics_addr = app.metrics_addr();
     let state = app.state().clone();
     let setup_token = app.setup_token().map(str::to_string);
     let (tx, rx) = oneshot::channel::<()>();
@@ -116,6 +135,7 @@ pub async fn spawn_app_with(backend: Backend, adjust: impl FnOnce(&mut Config)) 
     }));
     TestApp {
         addr,
+        metrics_addr,
         client: reqwest::Client::new(),
         state,
         setup_token,

@@ -10,3 +10,4 @@ mod ops;
 mod rules;
 mod security_auth;
 mod security_documents;
+mod security_http;

@@ -38,7 +38,14 @@ async fn metrics_count_requests_by_route_and_status(backend: Backend) {
     let app = spawn_app(backend).await;
     app.get("/v1/auth/user", None).await;
     app.get("/health", None).await;
-    let resp = app.client.get(app.url("/metrics")).send().await.unwrap();
+    let admin = app.admin_token().await;
+    let resp = app
+        .client
+        .get(app.url("/metrics"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
     assert!(resp.headers()["content-type"]
         .to_str()
         .unwrap()

@@ -6,20 +6,27 @@
 //! waiting (up to [`MAX_GROUP`]), runs each inside its own `SAVEPOINT` of one
 //! `BEGIN IMMEDIATE` transaction (a write that fails rolls back alone), commits once, then
 //! answers each. Under load one commit carries many writes; alone, a write commits at once.
+//! The queue is bounded ([`QUEUE_CAPACITY`]): past it, writers wait for room instead of
+//! piling up memory. A write that panics is rolled back to its savepoint and answers an
+//! error; the thread carries on with the rest of the group. Should the thread end anyway,
+//! [`Store::ping`] says so, and `/ready` answers 503.
 //! Point reads run on the calling thread when a pooled connection is free at once (no thread
 //! hand-off, the fastest path measured), else on the blocking pool.
 
 mod auth;
 mod documents;
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
-use std::sync::{mpsc, Arc};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{Connection, ErrorCode, Transaction, TransactionBehavior};
+use tokio::sync::mpsc;
 
 use super::{Store, StoreError, StoreResult};
 
@@ -39,13 +46,22 @@ const MIGRATIONS: &[(&str, &str)] = &[
 /// The most writes one group commit carries.
 const MAX_GROUP: usize = 128;
 
+/// The most writes that may wait for the writer thread. A burst beyond it makes callers wait
+/// for room (each waiting caller is one parked task, not a queued closure with its data);
+/// 1024 is eight full groups, far more than the thread drains between two commits.
+const QUEUE_CAPACITY: usize = 1024;
+
+/// What a write does once the group's fate is known (`Ok`: committed).
+type Finish = Box<dyn FnOnce(Result<(), String>) + Send>;
+
 /// A write waiting for the writer thread: run inside a savepoint of the group's transaction,
-/// it returns what to do once the group's fate is known (`true`: committed).
-type WriteJob =
-    Box<dyn FnOnce(&Transaction<'_>) -> Box<dyn FnOnce(Result<(), String>) + Send> + Send>;
+/// it returns what to do once the group's fate is known.
+type WriteJob = Box<dyn FnOnce(&Transaction<'_>) -> Finish + Send>;
 
 pub struct SqliteStore {
     writer: mpsc::Sender<WriteJob>,
+    /// False once the writer thread has ended, however it ended.
+    writer_alive: Arc<AtomicBool>,
     readers: r2d2::Pool<SqliteConnectionManager>,
     pub(crate) feed: Arc<super::ChangeFeed>,
 }
@@ -91,12 +107,15 @@ impl SqliteStore {
             .max_size(read_pool_size.max(1))
             .min_idle(Some(1))
             .build(manager)?;
-        let (jobs, queue) = mpsc::channel::<WriteJob>();
+        let (jobs, queue) = mpsc::channel::<WriteJob>(QUEUE_CAPACITY);
+        let writer_alive = Arc::new(AtomicBool::new(true));
+        let alive = WriterAlive(writer_alive.clone());
         std::thread::Builder::new()
             .name("basalt-sqlite-writer".into())
-            .spawn(move || writer_loop(writer, queue))?;
+            .spawn(move || writer_loop(writer, queue, alive))?;
         Ok(SqliteStore {
             writer: jobs,
+            writer_alive,
             readers,
             feed: Arc::new(super::ChangeFeed::default()),
         })
@@ -126,7 +145,13 @@ impl SqliteStore {
             let outcome = match txn.execute_batch("SAVEPOINT write") {
                 Err(e) => Err(map_err(e)),
                 Ok(()) => {
-                    let result = f(txn);
+                    // A panic is caught here, where the savepoint is known to be open, so
+                    // exactly this write's changes are undone and the group goes on.
+                    let result = catch_unwind(AssertUnwindSafe(|| f(txn))).unwrap_or_else(|_| {
+                        Err(StoreError::Internal(anyhow::anyhow!(
+                            "the write panicked; its changes were rolled back"
+                        )))
+                    });
                     let closed = if result.is_ok() {
                         txn.execute_batch("RELEASE write")
                     } else {
@@ -141,7 +166,11 @@ impl SqliteStore {
             Box::new(move |committed: Result<(), String>| {
                 let answer = match (outcome, committed) {
                     (Ok(value), Ok(())) => {
-                        after_commit(&value);
+                        // The write is committed whatever `after_commit` does; a panic in it
+                        // must not turn that into an error for the caller.
+                        if catch_unwind(AssertUnwindSafe(|| after_commit(&value))).is_err() {
+                            tracing::error!("a SQLite write's after-commit step panicked");
+                        }
                         Ok(value)
                     }
                     (Ok(_), Err(e)) => {
@@ -152,12 +181,22 @@ impl SqliteStore {
                 let _ = tx.send(answer);
             })
         });
-        self.writer.send(job).map_err(|_| {
-            StoreError::Unavailable(anyhow::anyhow!("the SQLite writer has stopped"))
-        })?;
-        rx.await.map_err(|_| {
-            StoreError::Unavailable(anyhow::anyhow!("the SQLite writer has stopped"))
-        })?
+        if self.writer.send(job).await.is_err() {
+            return Err(self.writer_stopped());
+        }
+        match rx.await {
+            Ok(answer) => answer,
+            // The job was dropped unanswered: either the thread is gone, or the group it was
+            // in could not be run at all (the thread logged why).
+            Err(_) if self.writer_alive.load(Ordering::Acquire) => Err(StoreError::Internal(
+                anyhow::anyhow!("the SQLite writer abandoned the write"),
+            )),
+            Err(_) => Err(self.writer_stopped()),
+        }
+    }
+
+    fn writer_stopped(&self) -> StoreError {
+        StoreError::Unavailable(anyhow::anyhow!("the SQLite writer has stopped"))
     }
 
     /// Runs a short read (a lookup by key) on the calling thread when a pooled connection is
@@ -191,10 +230,23 @@ impl SqliteStore {
     }
 }
 
+/// Marks the writer thread as gone when dropped: on a normal end and while unwinding alike.
+struct WriterAlive(Arc<AtomicBool>);
+
+impl Drop for WriterAlive {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+        if std::thread::panicking() {
+            tracing::error!("the SQLite writer thread died; writes fail until a restart");
+        }
+    }
+}
+
 /// The writer thread: waits for a write, gathers those queued behind it, runs them in one
 /// transaction, commits, answers. Ends when the store (every sender) is dropped.
-fn writer_loop(mut conn: Connection, queue: mpsc::Receiver<WriteJob>) {
-    while let Ok(first) = queue.recv() {
+fn writer_loop(mut conn: Connection, mut queue: mpsc::Receiver<WriteJob>, alive: WriterAlive) {
+    let _alive = alive;
+    while let Some(first) = queue.blocking_recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
             match queue.try_recv() {
@@ -212,13 +264,38 @@ fn writer_loop(mut conn: Connection, queue: mpsc::Receiver<WriteJob>) {
                 continue;
             }
         };
-        let finishers: Vec<_> = group.into_iter().map(|job| job(&txn)).collect();
-        let committed = txn.commit().map_err(|e| e.to_string());
+        let mut finishers = Vec::with_capacity(group.len());
+        let mut broken = false;
+        for job in group {
+            if broken {
+                // Dropped unanswered: its caller hears the write did not happen.
+                continue;
+            }
+            // Jobs catch panics in their own work; one escaping here came from outside the
+            // savepoint, so nothing is known about the transaction: the group is given up.
+            match catch_unwind(AssertUnwindSafe(|| job(&txn))) {
+                Ok(finish) => finishers.push(finish),
+                Err(_) => {
+                    tracing::error!(
+                        "a SQLite write job panicked outside its savepoint; rolling back its group"
+                    );
+                    broken = true;
+                }
+            }
+        }
+        let committed = if broken {
+            drop(txn);
+            Err("the group was rolled back after a panic".to_string())
+        } else {
+            txn.commit().map_err(|e| e.to_string())
+        };
         if let Err(e) = &committed {
             tracing::error!(error = %e, "SQLite commit failed");
         }
         for finish in finishers {
-            finish(committed.clone());
+            if catch_unwind(AssertUnwindSafe(|| finish(committed.clone()))).is_err() {
+                tracing::error!("answering a SQLite write panicked");
+            }
         }
     }
 }
@@ -290,7 +367,173 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> StoreResult<()> {
+        if !self.writer_alive.load(Ordering::Acquire) {
+            return Err(self.writer_stopped());
+        }
         self.read(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(map_err))
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("w.db"), 2)
+            .await
+            .unwrap();
+        store
+            .write(|txn| {
+                txn.execute_batch("CREATE TABLE marks (name TEXT PRIMARY KEY)")
+                    .map_err(map_err)
+            })
+            .await
+            .unwrap();
+        (dir, store)
+    }
+
+    async fn mark(store: &SqliteStore, name: &'static str) -> StoreResult<()> {
+        store
+            .write(move |txn| {
+                txn.execute("INSERT INTO marks (name) VALUES (?1)", [name])
+                    .map(|_| ())
+                    .map_err(map_err)
+            })
+            .await
+    }
+
+    async fn marks(store: &SqliteStore) -> Vec<String> {
+        store
+            .read(|c| {
+                let mut stmt = c
+                    .prepare("SELECT name FROM marks ORDER BY name")
+                    .map_err(map_err)?;
+                let rows = stmt.query_map([], |r| r.get(0)).map_err(map_err)?;
+                rows.collect::<rusqlite::Result<Vec<String>>>()
+                    .map_err(map_err)
+            })
+            .await
+            .unwrap()
+    }
+
+    /// Holds the writer thread until the returned sender fires, so the writes queued
+    /// meanwhile are run as one group.
+    fn hold_writer(store: &Arc<SqliteStore>) -> std::sync::mpsc::Sender<()> {
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .write(move |_| {
+                    let _ = held.recv();
+                    Ok(())
+                })
+                .await
+        });
+        release
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_write_is_rolled_back_alone_and_the_writer_carries_on() {
+        let (_dir, store) = store().await;
+        let store = Arc::new(store);
+        let release = hold_writer(&store);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let before = tokio::spawn({
+            let store = store.clone();
+            async move { mark(&store, "before").await }
+        });
+        let panicking = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .write(|txn| -> StoreResult<()> {
+                        txn.execute("INSERT INTO marks (name) VALUES ('half-done')", [])
+                            .map_err(map_err)?;
+                        panic!("a bug in a write");
+                    })
+                    .await
+            }
+        });
+        let after = tokio::spawn({
+            let store = store.clone();
+            async move { mark(&store, "after").await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        release.send(()).unwrap();
+
+        let err = panicking.await.unwrap().unwrap_err();
+        assert!(matches!(err, StoreError::Internal(_)), "{err:?}");
+        before.await.unwrap().unwrap();
+        after.await.unwrap().unwrap();
+        // Later writes still go through, and the panicking write left nothing behind.
+        mark(&store, "later").await.unwrap();
+        assert_eq!(marks(&store).await, ["after", "before", "later"]);
+        store.ping().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panic_after_commit_still_answers_the_committed_write() {
+        let (_dir, store) = store().await;
+        store
+            .write_then(
+                |txn| {
+                    txn.execute("INSERT INTO marks (name) VALUES ('kept')", [])
+                        .map(|_| ())
+                        .map_err(map_err)
+                },
+                |_| panic!("a bug after commit"),
+            )
+            .await
+            .unwrap();
+        mark(&store, "next").await.unwrap();
+        assert_eq!(marks(&store).await, ["kept", "next"]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_queue_makes_writers_wait_instead_of_growing() {
+        let (_dir, store) = store().await;
+        let store = Arc::new(store);
+        let release = hold_writer(&store);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let extra = 50;
+        let writers: Vec<_> = (0..QUEUE_CAPACITY + extra)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move { store.write(|_| Ok(())).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(store.writer.capacity(), 0, "the queue is full");
+        let waiting = writers.iter().filter(|w| !w.is_finished()).count();
+        assert_eq!(waiting, QUEUE_CAPACITY + extra, "no write finished early");
+        release.send(()).unwrap();
+        for writer in writers {
+            writer.await.unwrap().unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ping_fails_once_the_writer_thread_has_ended() {
+        let (_dir, mut store) = store().await;
+        store.ping().await.unwrap();
+        // Replacing the only sender ends the thread's loop, as its death would.
+        let (orphan, _) = mpsc::channel::<WriteJob>(1);
+        store.writer = orphan;
+        for _ in 0..100 {
+            if !store.writer_alive.load(Ordering::Acquire) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(matches!(
+            store.ping().await,
+            Err(StoreError::Unavailable(_))
+        ));
+        assert!(matches!(
+            mark(&store, "too late").await,
+            Err(StoreError::Unavailable(_))
+        ));
     }
 }
