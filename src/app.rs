@@ -23,6 +23,7 @@ use crate::store::Store;
 #[derive(Clone)]
 pub struct AppState {
     pub config: Arc<Config>,
+    pub audit: Arc<crate::audit::AuditLog>,
     pub store: Arc<dyn Store>,
     pub auth: Arc<AuthService>,
     pub auth_limits: Arc<AuthRateLimits>,
@@ -62,6 +63,7 @@ impl App {
         let auth =
             AuthService::new(store.clone(), config.auth.clone(), config.token_issuer()).await?;
         let state = AppState {
+            audit: Arc::new(crate::audit::AuditLog::new(store.clone())),
             auth_limits: Arc::new(AuthRateLimits::new(&config.rate_limit)),
             documents: Arc::new(
                 DocumentService::new(store.clone(), config.documents.clone()).await?,

@@ -3,6 +3,7 @@
 //! functions. `main.rs` is a thin CLI over this library; the tests drive the same library.
 
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod config;

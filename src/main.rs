@@ -110,16 +110,14 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 .create_admin(&email, &password)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            auth.audit(
-                &basalt::auth::Actor {
-                    kind: "cli",
-                    id: "cli".into(),
-                },
-                "admin.create",
-                Some(&admin.id),
-                serde_json::json!({"email": admin.email}),
-            )
-            .await;
+            basalt::audit::AuditLog::new(auth.store().clone())
+                .record(
+                    &basalt::auth::Caller::System("cli"),
+                    "admin.create",
+                    Some(&admin.id),
+                    serde_json::json!({"email": admin.email}),
+                )
+                .await;
             println!("admin created: {} ({})", admin.email, admin.id);
             Ok(())
         }
@@ -131,16 +129,14 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 .create_service_key(&name)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            auth.audit(
-                &basalt::auth::Actor {
-                    kind: "cli",
-                    id: "cli".into(),
-                },
-                "key.create",
-                Some(&key.id),
-                serde_json::json!({"name": key.name}),
-            )
-            .await;
+            basalt::audit::AuditLog::new(auth.store().clone())
+                .record(
+                    &basalt::auth::Caller::System("cli"),
+                    "key.create",
+                    Some(&key.id),
+                    serde_json::json!({"name": key.name}),
+                )
+                .await;
             println!(
                 "service key {} ({}) created; it is shown only now:",
                 key.name, key.id

@@ -8,6 +8,7 @@
 //! grace window (default 10 s) therefore yields the *same* successor, so two tabs refreshing
 //! at once stay signed in, while a reuse after the window revokes the whole session.
 
+mod caller;
 pub mod limits;
 pub mod password;
 pub mod tokens;
@@ -25,9 +26,10 @@ use crate::config::AuthConfig;
 use crate::error::{ApiError, ApiResult};
 use crate::ids::{digest, new_id, new_secret};
 use crate::store::{
-    AdminRow, Guarded, NewAudit, RefreshTokenRow, RevokeSessions, Rotation, ServiceKeyRow,
-    SessionRow, Store, StoreError, UserCursor, UserGuard, UserPatch, UserRow,
+    AdminRow, Guarded, RefreshTokenRow, RevokeSessions, Rotation, ServiceKeyRow, SessionRow, Store,
+    StoreError, UserCursor, UserGuard, UserPatch, UserRow,
 };
+pub use caller::{Actor, Caller};
 use password::PasswordHasherConfig;
 use tokens::TokenService;
 
@@ -147,13 +149,6 @@ impl From<&ServiceKeyRow> for ServiceKey {
             key: None,
         }
     }
-}
-
-/// Who made a change, for the audit log.
-#[derive(Debug, Clone)]
-pub struct Actor {
-    pub kind: &'static str,
-    pub id: String,
 }
 
 /// Where a sign-in came from, kept on the session so users can recognise their devices.
@@ -954,21 +949,6 @@ impl AuthService {
             None
         };
         Ok((users, next))
-    }
-
-    pub async fn audit(&self, actor: &Actor, action: &str, target: Option<&str>, details: Value) {
-        let entry = NewAudit {
-            actor_type: actor.kind.into(),
-            actor_id: actor.id.clone(),
-            action: action.into(),
-            target: target.map(str::to_string),
-            details,
-        };
-        // The write already happened; a failed audit append is logged loudly rather than
-        // turning a done change into an error.
-        if let Err(err) = self.store.append_audit(&entry).await {
-            tracing::error!(error = ?err, action, "could not append to the audit log");
-        }
     }
 }
 

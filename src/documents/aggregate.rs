@@ -6,11 +6,12 @@ impl DocumentService {
     /// `_aggregate`: count, sum, avg, min, max over the documents the caller may read.
     pub async fn aggregate(
         &self,
-        principal: &Principal,
+        caller: &Caller,
         collection: &str,
         where_: Option<Filter>,
         aggregations: &Map<String, Value>,
     ) -> ApiResult<Map<String, Value>> {
+        let principal = &Principal::from(caller);
         let coll = self.collection(collection).await?;
         let specs = parse_aggregations(aggregations)?;
         let (filter, per_row) = match self.read_plan(&coll, principal)? {

@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use utoipa::ToSchema;
 
+use crate::auth::Caller;
 use crate::config::DocumentsConfig;
 use crate::error::{ApiError, ApiResult};
 use crate::ids::new_id;
@@ -50,13 +51,25 @@ use access::{Halt, Judge, ReadPlan};
 use cursor::{CursorSeal, Resume};
 use read::and;
 
-/// Who is asking, as the document layer sees it.
+/// What the rules need of a [`Caller`], worked out once per request.
 #[derive(Debug, Clone)]
-pub enum Principal {
+pub(crate) enum Principal {
     /// An admin or a service key: rules do not apply.
     Privileged,
     User(AuthInfo),
     Anonymous,
+}
+
+impl From<&Caller> for Principal {
+    fn from(caller: &Caller) -> Self {
+        if caller.is_privileged() {
+            return Principal::Privileged;
+        }
+        match caller.rule_auth() {
+            Some(auth) => Principal::User(auth),
+            None => Principal::Anonymous,
+        }
+    }
 }
 
 impl Principal {

@@ -9,12 +9,8 @@ const MAX_ROWS_EXAMINED: usize = 5000;
 impl DocumentService {
     // ------------------------------------------------------------------ reads
 
-    pub async fn get(
-        &self,
-        principal: &Principal,
-        collection: &str,
-        id: &str,
-    ) -> ApiResult<Document> {
+    pub async fn get(&self, caller: &Caller, collection: &str, id: &str) -> ApiResult<Document> {
+        let principal = &Principal::from(caller);
         let coll = self.collection(collection).await?;
         check_document_id(id).map_err(|_| ApiError::NotFound("document not found".into()))?;
         let doc = self.store.get_document(collection, id).await?;
@@ -39,10 +35,11 @@ impl DocumentService {
 
     pub async fn query(
         &self,
-        principal: &Principal,
+        caller: &Caller,
         collection: &str,
         query: Query,
     ) -> ApiResult<QueryResult> {
+        let principal = &Principal::from(caller);
         let coll = self.collection(collection).await?;
         let plan = self.read_plan(&coll, principal)?;
         let (filter, per_row) = match plan {

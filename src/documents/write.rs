@@ -59,12 +59,13 @@ impl DocumentService {
     /// created.
     pub async fn write(
         &self,
-        principal: &Principal,
+        caller: &Caller,
         collection: &str,
         id: Option<&str>,
         kind: WriteKind,
         pre: Precondition,
     ) -> ApiResult<(Option<Document>, bool)> {
+        let principal = &Principal::from(caller);
         let coll = self.collection(collection).await?;
         let id = match id {
             Some(id) => {
@@ -84,11 +85,8 @@ impl DocumentService {
     }
 
     /// `_batch`: up to 500 writes, all or nothing.
-    pub async fn batch(
-        &self,
-        principal: &Principal,
-        writes: Vec<BatchWrite>,
-    ) -> ApiResult<Vec<Value>> {
+    pub async fn batch(&self, caller: &Caller, writes: Vec<BatchWrite>) -> ApiResult<Vec<Value>> {
+        let principal = &Principal::from(caller);
         if writes.is_empty() || writes.len() > MAX_BATCH_WRITES {
             return Err(ApiError::invalid_with(
                 format!("a batch has 1 to {MAX_BATCH_WRITES} writes"),

@@ -13,7 +13,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::app::AppState;
-use crate::auth::{Actor, Admin, AdminUserUpdate, ServiceKey, User};
+use crate::auth::{Admin, AdminUserUpdate, ServiceKey, User};
 use crate::error::{ApiError, ApiResult};
 use crate::http::extract::{AdminCaller, Caller, Client, Json};
 
@@ -32,7 +32,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// An admin token and nothing else; a service key gets 403. Service keys are for programs,
 /// and a program able to mint keys could keep its access after its own key is deleted (a
 /// leaked key would mint a spare first), so only people manage keys.
-pub struct AdminTokenOnly(pub Actor);
+pub struct AdminTokenOnly(pub Caller);
 
 impl FromRequestParts<AppState> for AdminTokenOnly {
     type Rejection = ApiError;
@@ -42,14 +42,11 @@ impl FromRequestParts<AppState> for AdminTokenOnly {
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
         match Caller::from_request_parts(parts, state).await? {
-            Caller::Admin(claims) => Ok(AdminTokenOnly(Actor {
-                kind: "admin",
-                id: claims.sub,
-            })),
+            caller @ Caller::Admin(_) => Ok(AdminTokenOnly(caller)),
             Caller::Anonymous => Err(ApiError::Unauthenticated(
                 "this call needs an admin token".into(),
             )),
-            Caller::ServiceKey { .. } => Err(ApiError::PermissionDenied(
+            Caller::ServiceKey { .. } | Caller::System(_) => Err(ApiError::PermissionDenied(
                 "service keys cannot manage service keys; this call needs an admin token".into(),
             )),
             Caller::User(_) => Err(ApiError::PermissionDenied(
@@ -113,9 +110,9 @@ async fn setup(
         .complete_setup(&body.token, &body.email, &body.password)
         .await?;
     state
-        .auth
-        .audit(
-            &crate::auth::Actor {
+        .audit
+        .record_as(
+            crate::auth::Actor {
                 kind: "admin",
                 id: admin.id.clone(),
             },
@@ -186,7 +183,7 @@ pub struct CreateUser {
     responses((status = 201, body = User), (status = 400), (status = 409)))]
 async fn create_user(
     State(state): State<AppState>,
-    AdminCaller(actor): AdminCaller,
+    AdminCaller(caller): AdminCaller,
     Json(body): Json<CreateUser>,
 ) -> ApiResult<(StatusCode, axum::Json<User>)> {
     let user = state
@@ -200,9 +197,9 @@ async fn create_user(
         )
         .await?;
     state
-        .auth
-        .audit(
-            &actor,
+        .audit
+        .record(
+            &caller,
             "user.create",
             Some(&user.id),
             json!({"email": user.email}),
@@ -229,7 +226,7 @@ async fn get_user(
     responses((status = 200, body = User), (status = 400), (status = 404), (status = 409)))]
 async fn update_user(
     State(state): State<AppState>,
-    AdminCaller(actor): AdminCaller,
+    AdminCaller(caller): AdminCaller,
     Path(id): Path<String>,
     Json(update): Json<AdminUserUpdate>,
 ) -> ApiResult<axum::Json<User>> {
@@ -249,9 +246,9 @@ async fn update_user(
     let disabled = update.disabled;
     let user = state.auth.admin_update_user(&id, update).await?;
     state
-        .auth
-        .audit(
-            &actor,
+        .audit
+        .record(
+            &caller,
             "user.update",
             Some(&id),
             json!({"fields": changed, "disabled": disabled}),
@@ -265,13 +262,13 @@ async fn update_user(
     responses((status = 204), (status = 404)))]
 async fn delete_user(
     State(state): State<AppState>,
-    AdminCaller(actor): AdminCaller,
+    AdminCaller(caller): AdminCaller,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     state.auth.delete_user(&id).await?;
     state
-        .auth
-        .audit(&actor, "user.delete", Some(&id), json!({}))
+        .audit
+        .record(&caller, "user.delete", Some(&id), json!({}))
         .await;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -281,14 +278,14 @@ async fn delete_user(
     responses((status = 204), (status = 404)))]
 async fn logout_user(
     State(state): State<AppState>,
-    AdminCaller(actor): AdminCaller,
+    AdminCaller(caller): AdminCaller,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     state.auth.user(&id).await?;
     state.auth.logout(&id, "", true).await?;
     state
-        .auth
-        .audit(&actor, "user.logout", Some(&id), json!({}))
+        .audit
+        .record(&caller, "user.logout", Some(&id), json!({}))
         .await;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -323,14 +320,14 @@ pub struct CreateKey {
     responses((status = 201, body = ServiceKey), (status = 400), (status = 401), (status = 403)))]
 async fn create_key(
     State(state): State<AppState>,
-    AdminTokenOnly(actor): AdminTokenOnly,
+    AdminTokenOnly(caller): AdminTokenOnly,
     Json(body): Json<CreateKey>,
 ) -> ApiResult<(StatusCode, axum::Json<ServiceKey>)> {
     let key = state.auth.create_service_key(&body.name).await?;
     state
-        .auth
-        .audit(
-            &actor,
+        .audit
+        .record(
+            &caller,
             "key.create",
             Some(&key.id),
             json!({"name": key.name}),
@@ -346,15 +343,15 @@ async fn create_key(
     responses((status = 204), (status = 401), (status = 403), (status = 404)))]
 async fn delete_key(
     State(state): State<AppState>,
-    AdminTokenOnly(actor): AdminTokenOnly,
+    AdminTokenOnly(caller): AdminTokenOnly,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     if !state.store.delete_service_key(&id).await? {
         return Err(ApiError::NotFound("service key not found".into()));
     }
     state
-        .auth
-        .audit(&actor, "key.delete", Some(&id), json!({}))
+        .audit
+        .record(&caller, "key.delete", Some(&id), json!({}))
         .await;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -402,7 +399,7 @@ async fn audit(
         })
         .transpose()?;
     let limit = q.limit.unwrap_or(50).clamp(1, 1000);
-    let rows = state.store.list_audit(before, limit + 1).await?;
+    let rows = state.audit.list(before, limit + 1).await?;
     let more = rows.len() > limit as usize;
     let entries: Vec<AuditEntry> = rows
         .into_iter()

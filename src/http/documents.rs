@@ -13,13 +13,11 @@ use utoipa_axum::routes;
 
 use crate::app::AppState;
 use crate::documents::{
-    BatchWrite, CollectionSpec, CollectionView, Document, Precondition, Principal, QueryResult,
-    WriteKind,
+    BatchWrite, CollectionSpec, CollectionView, Document, Precondition, QueryResult, WriteKind,
 };
 use crate::error::{ApiError, ApiResult};
 use crate::http::extract::{AdminCaller, Caller, Json};
 use crate::query::{parse_where, Query, QueryRequest};
-use crate::rules::AuthInfo;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -39,23 +37,6 @@ pub fn admin_router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(list_collections))
         .routes(routes!(put_collection, get_collection, delete_collection))
-}
-
-impl From<&Caller> for Principal {
-    fn from(caller: &Caller) -> Self {
-        match caller {
-            Caller::Admin(_) | Caller::ServiceKey { .. } => Principal::Privileged,
-            Caller::Anonymous => Principal::Anonymous,
-            Caller::User(c) => Principal::User(AuthInfo {
-                uid: c.sub.clone(),
-                role: c.role.clone(),
-                email: c.email.clone(),
-                email_verified: c.email_verified,
-                is_anonymous: c.is_anonymous,
-                claims: c.claims.clone(),
-            }),
-        }
-    }
 }
 
 /// A document answer with its `ETag` (the quoted version).
@@ -123,7 +104,7 @@ async fn create_document(
     let (doc, _) = state
         .documents
         .write(
-            &(&caller).into(),
+            &caller,
             &collection,
             body.id.as_deref(),
             WriteKind::Create(body.data),
@@ -145,10 +126,7 @@ async fn get_document(
     caller: Caller,
     Path((collection, id)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    let doc = state
-        .documents
-        .get(&(&caller).into(), &collection, &id)
-        .await?;
+    let doc = state.documents.get(&caller, &collection, &id).await?;
     Ok(with_etag(StatusCode::OK, doc))
 }
 
@@ -171,7 +149,7 @@ async fn put_document(
     let (doc, created) = state
         .documents
         .write(
-            &(&caller).into(),
+            &caller,
             &collection,
             Some(&id),
             WriteKind::Set(body.data),
@@ -205,7 +183,7 @@ async fn patch_document(
     let (doc, _) = state
         .documents
         .write(
-            &(&caller).into(),
+            &caller,
             &collection,
             Some(&id),
             WriteKind::Update(body.data),
@@ -234,13 +212,7 @@ async fn delete_document(
     };
     state
         .documents
-        .write(
-            &(&caller).into(),
-            &collection,
-            Some(&id),
-            WriteKind::Delete,
-            pre,
-        )
+        .write(&caller, &collection, Some(&id), WriteKind::Delete, pre)
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -258,10 +230,7 @@ async fn query_documents(
 ) -> ApiResult<axum::Json<QueryResult>> {
     let query = Query::parse(body)?;
     Ok(axum::Json(
-        state
-            .documents
-            .query(&(&caller).into(), &collection, query)
-            .await?,
+        state.documents.query(&caller, &collection, query).await?,
     ))
 }
 
@@ -292,7 +261,7 @@ async fn aggregate_documents(
     Ok(axum::Json(
         state
             .documents
-            .aggregate(&(&caller).into(), &collection, filter, &body.aggregations)
+            .aggregate(&caller, &collection, filter, &body.aggregations)
             .await?,
     ))
 }
@@ -311,10 +280,7 @@ async fn batch(
     caller: Caller,
     Json(body): Json<BatchRequest>,
 ) -> ApiResult<axum::Json<Value>> {
-    let results = state
-        .documents
-        .batch(&(&caller).into(), body.writes)
-        .await?;
+    let results = state.documents.batch(&caller, body.writes).await?;
     Ok(axum::Json(json!({ "results": results })))
 }
 
@@ -337,15 +303,15 @@ async fn list_collections(
     request_body = CollectionSpec, responses((status = 200, body = CollectionView), (status = 400), (status = 409)))]
 async fn put_collection(
     State(state): State<AppState>,
-    AdminCaller(actor): AdminCaller,
+    AdminCaller(caller): AdminCaller,
     Path(name): Path<String>,
     Json(spec): Json<CollectionSpec>,
 ) -> ApiResult<axum::Json<CollectionView>> {
     let view = state.documents.put_collection(&name, spec).await?;
     state
-        .auth
-        .audit(
-            &actor,
+        .audit
+        .record(
+            &caller,
             "collection.put",
             Some(&name),
             json!({"rules": view.rules, "indexes": view.indexes}),
@@ -370,13 +336,13 @@ async fn get_collection(
     responses((status = 204), (status = 404)))]
 async fn delete_collection(
     State(state): State<AppState>,
-    AdminCaller(actor): AdminCaller,
+    AdminCaller(caller): AdminCaller,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
     state.documents.delete_collection(&name).await?;
     state
-        .auth
-        .audit(&actor, "collection.delete", Some(&name), json!({}))
+        .audit
+        .record(&caller, "collection.delete", Some(&name), json!({}))
         .await;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -13,8 +13,9 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use crate::app::AppState;
-use crate::auth::tokens::{AdminClaims, TokenError, UserClaims, VerifiedToken};
-use crate::auth::{Actor, AuthService, ClientInfo};
+use crate::auth::tokens::UserClaims;
+pub use crate::auth::Caller;
+use crate::auth::ClientInfo;
 use crate::error::ApiError;
 
 /// A JSON request body. Unlike axum's, every failure is an [`ApiError`]: a missing or wrong
@@ -75,41 +76,6 @@ pub fn body_rejection(rejection: BytesRejection) -> ApiError {
     }
 }
 
-/// Who is calling, from `Authorization: Bearer …`. A present but invalid credential is an
-/// error (401), never silently treated as anonymous.
-#[derive(Debug, Clone)]
-pub enum Caller {
-    Anonymous,
-    User(UserClaims),
-    Admin(AdminClaims),
-    ServiceKey { id: String, name: String },
-}
-
-impl Caller {
-    /// Admins and service keys bypass rules.
-    pub fn is_privileged(&self) -> bool {
-        matches!(self, Caller::Admin(_) | Caller::ServiceKey { .. })
-    }
-
-    pub fn actor(&self) -> Option<Actor> {
-        match self {
-            Caller::Admin(c) => Some(Actor {
-                kind: "admin",
-                id: c.sub.clone(),
-            }),
-            Caller::ServiceKey { id, .. } => Some(Actor {
-                kind: "service_key",
-                id: id.clone(),
-            }),
-            Caller::User(c) => Some(Actor {
-                kind: "user",
-                id: c.sub.clone(),
-            }),
-            Caller::Anonymous => None,
-        }
-    }
-}
-
 fn bearer(parts: &Parts) -> Result<Option<&str>, ApiError> {
     let Some(value) = parts.headers.get(AUTHORIZATION) else {
         return Ok(None);
@@ -128,6 +94,7 @@ fn bearer(parts: &Parts) -> Result<Option<&str>, ApiError> {
     Ok(Some(token.trim()))
 }
 
+/// Who is calling, from `Authorization: Bearer …` (see [`AuthService::resolve`]).
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
@@ -138,28 +105,7 @@ impl FromRequestParts<AppState> for Caller {
         if let Some(caller) = parts.extensions.get::<Caller>() {
             return Ok(caller.clone());
         }
-        let caller = match bearer(parts)? {
-            None => Caller::Anonymous,
-            Some(token) if AuthService::is_service_key(token) => {
-                let key = state
-                    .auth
-                    .verify_service_key(token)
-                    .await?
-                    .ok_or_else(|| ApiError::Unauthenticated("unknown service key".into()))?;
-                Caller::ServiceKey {
-                    id: key.id,
-                    name: key.name,
-                }
-            }
-            Some(token) => match state.auth.tokens.verify(token).await {
-                Ok(VerifiedToken::User(claims)) => Caller::User(claims),
-                Ok(VerifiedToken::Admin(claims)) => Caller::Admin(claims),
-                Err(TokenError::Expired) => {
-                    return Err(ApiError::Unauthenticated("the token has expired".into()))
-                }
-                Err(err) => return Err(ApiError::Unauthenticated(err.to_string())),
-            },
-        };
+        let caller = state.auth.resolve(bearer(parts)?).await?;
         parts.extensions.insert(caller.clone());
         Ok(caller)
     }
@@ -188,7 +134,7 @@ impl FromRequestParts<AppState> for AuthUser {
 }
 
 /// An admin token or a service key; anything else is 401/403.
-pub struct AdminCaller(pub Actor);
+pub struct AdminCaller(pub Caller);
 
 impl FromRequestParts<AppState> for AdminCaller {
     type Rejection = ApiError;
@@ -199,9 +145,9 @@ impl FromRequestParts<AppState> for AdminCaller {
     ) -> Result<Self, Self::Rejection> {
         let caller = Caller::from_request_parts(parts, state).await?;
         match &caller {
-            Caller::Admin(_) | Caller::ServiceKey { .. } => Ok(AdminCaller(
-                caller.actor().expect("privileged callers have an actor"),
-            )),
+            Caller::Admin(_) | Caller::ServiceKey { .. } | Caller::System(_) => {
+                Ok(AdminCaller(caller))
+            }
             Caller::Anonymous => Err(ApiError::Unauthenticated(
                 "this call needs an admin token or a service key".into(),
             )),

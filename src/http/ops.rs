@@ -61,7 +61,7 @@ async fn metrics(State(state): State<AppState>, req: Request) -> ApiResult<Respo
     let (mut parts, _) = req.into_parts();
     if !presents_metrics_token(&state, &parts.headers) {
         match Caller::from_request_parts(&mut parts, &state).await? {
-            Caller::Admin(_) | Caller::ServiceKey { .. } => {}
+            Caller::Admin(_) | Caller::ServiceKey { .. } | Caller::System(_) => {}
             Caller::User(_) => {
                 return Err(ApiError::PermissionDenied(
                     "/metrics needs an admin token, a service key or the metrics token".into(),

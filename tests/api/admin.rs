@@ -363,7 +363,7 @@ async fn every_admin_write_is_in_the_audit_log(backend: Backend) {
     assert_eq!(entries.len(), 2);
     assert_eq!(entries[0]["action"], "user.delete");
     assert_eq!(entries[1]["action"], "user.logout");
-    assert_eq!(entries[1]["actor_type"], "service_key");
+    assert_eq!(entries[1]["actor_type"], "service");
     assert_eq!(entries[1]["actor_id"], json!(key_id));
     let next = log.body["next_cursor"].as_str().unwrap();
     let rest = app
