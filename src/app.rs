@@ -28,6 +28,8 @@ pub struct AppState {
     pub auth: Arc<AuthService>,
     pub auth_limits: Arc<AuthRateLimits>,
     pub documents: Arc<DocumentService>,
+    /// The change stream: in-process fan-out, log reads, durable consumers, retention.
+    pub changes: Arc<crate::changes::ChangeBus>,
     pub metrics: &'static PrometheusHandle,
     /// The externally visible base URL (`public_url`, or `http://<bound address>`).
     pub public_url: Arc<str>,
@@ -62,7 +64,10 @@ impl App {
             crate::store::open(&config.database_url(), config.database.read_pool_size).await?;
         let auth =
             AuthService::new(store.clone(), config.auth.clone(), config.token_issuer()).await?;
+        let changes =
+            crate::changes::ChangeBus::start(store.clone(), config.changes.clone()).await?;
         let state = AppState {
+            changes,
             audit: Arc::new(crate::audit::AuditLog::new(store.clone())),
             auth_limits: Arc::new(AuthRateLimits::new(&config.rate_limit)),
             documents: Arc::new(
@@ -174,7 +179,11 @@ async fn background_tasks(state: AppState) {
         state.auth.tokens.reload_if_stale().await;
         state.auth_limits.shrink();
         if ticks.is_multiple_of(20) {
-            match state.documents.prune_changes().await {
+            match state
+                .changes
+                .prune(state.config.documents.change_retention_hours)
+                .await
+            {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(entries = n, "pruned the change log"),
                 Err(err) => tracing::warn!(error = %err, "could not prune the change log"),

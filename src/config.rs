@@ -54,6 +54,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub rate_limit: RateLimitConfig,
     pub documents: DocumentsConfig,
+    pub changes: ChangesConfig,
     pub metrics: MetricsConfig,
 }
 
@@ -187,6 +188,24 @@ pub struct DocumentsConfig {
     pub change_retention_hours: u64,
 }
 
+/// The change stream (API.md § Change stream); its retention is
+/// `documents.change_retention_hours`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChangesConfig {
+    /// How long a durable consumer that does not move may hold back retention, in hours;
+    /// past it the log is pruned without waiting for it (and a warning is logged).
+    pub consumer_max_lag_hours: u64,
+}
+
+impl Default for ChangesConfig {
+    fn default() -> Self {
+        ChangesConfig {
+            consumer_max_lag_hours: 24 * 30,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -200,6 +219,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             rate_limit: RateLimitConfig::default(),
             documents: DocumentsConfig::default(),
+            changes: ChangesConfig::default(),
             metrics: MetricsConfig::default(),
         }
     }

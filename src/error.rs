@@ -49,6 +49,9 @@ pub enum ApiError {
     RateLimited { retry_after_secs: u64 },
     #[error("{0}")]
     Unavailable(String),
+    /// A position older than the retained change log (410 `cursor_expired`).
+    #[error("{0}")]
+    CursorExpired(String),
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -84,6 +87,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::CursorExpired(_) => StatusCode::GONE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -101,6 +105,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::CursorExpired(_) => "cursor_expired",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -180,6 +185,17 @@ impl From<StoreError> for ApiError {
 impl From<crate::query::QueryError> for ApiError {
     fn from(err: crate::query::QueryError) -> Self {
         ApiError::invalid_with(err.message, serde_json::json!({"field": err.field}))
+    }
+}
+
+impl From<crate::changes::ChangesError> for ApiError {
+    fn from(err: crate::changes::ChangesError) -> Self {
+        match err {
+            crate::changes::ChangesError::Expired { .. } => {
+                ApiError::CursorExpired(format!("{err}; start again from the current position"))
+            }
+            crate::changes::ChangesError::Store(e) => e.into(),
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod app;
 pub mod audit;
 pub mod auth;
+pub mod changes;
 pub mod cli;
 pub mod config;
 pub mod documents;

@@ -1,6 +1,7 @@
 -- One ordered change stream for every domain (API.md § Change stream) replaces the
 -- documents-only change log, and durable consumers record how far they have read.
--- AUTOINCREMENT: a position is never handed out twice, even after pruning the newest events.
+-- AUTOINCREMENT: a position is never handed out twice, even after the newest events are
+-- pruned. SQLite's single writer commits in position order.
 
 CREATE TABLE events (
     position    INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -14,15 +15,17 @@ CREATE TABLE events (
     old_data    TEXT
 );
 CREATE INDEX events_time ON events (time);
-CREATE INDEX events_topic ON events (topic, position);
 
 INSERT INTO events (position, topic, key, op, actor_type, actor_id, time, data, old_data)
-    SELECT seq, 'db/' || collection, id, op, 'system', NULL, time, document, old_document
+    SELECT seq, 'db/' || collection, id, op, 'system', 'migration', time, document, old_document
     FROM changes ORDER BY seq;
--- Keep AUTOINCREMENT past every position the old log handed out.
-INSERT OR REPLACE INTO sqlite_sequence (name, seq)
-    SELECT 'events', MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'changes'), 0),
-                         COALESCE((SELECT MAX(position) FROM events), 0));
+-- Continue past every position the old log handed out, even pruned ones.
+INSERT INTO sqlite_sequence (name, seq)
+    SELECT 'events', COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'changes'), 0)
+    WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'events');
+UPDATE sqlite_sequence
+    SET seq = MAX(seq, COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'changes'), 0))
+    WHERE name = 'events';
 DROP TABLE changes;
 
 CREATE TABLE consumers (

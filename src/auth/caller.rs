@@ -8,6 +8,7 @@ use super::tokens::{AdminClaims, TokenError, UserClaims, VerifiedToken};
 use super::AuthService;
 use crate::error::{ApiError, ApiResult};
 use crate::rules::AuthInfo;
+pub use crate::store::Actor;
 
 #[derive(Debug, Clone)]
 pub enum Caller {
@@ -21,14 +22,6 @@ pub enum Caller {
     ServiceKey { id: String, name: String },
     /// The server itself or its command line (`basalt admin create`, background work).
     System(&'static str),
-}
-
-/// How a caller is recorded — in the audit log and on change-stream events.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Actor {
-    /// `user`, `admin`, `service` or `system`.
-    pub kind: &'static str,
-    pub id: String,
 }
 
 impl Caller {

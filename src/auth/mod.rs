@@ -413,7 +413,17 @@ impl AuthService {
             updated_at: now,
             last_sign_in_at: Some(now),
         };
-        match self.store.insert_user(&user).await {
+        match self
+            .store
+            .insert_user(
+                &user,
+                &Actor {
+                    kind: "user",
+                    id: user.id.clone(),
+                },
+            )
+            .await
+        {
             Err(StoreError::AlreadyExists(_)) => {
                 return Err(ApiError::AlreadyExists(
                     "a user with this email already exists".into(),
@@ -480,7 +490,15 @@ impl AuthService {
             updated_at: now,
             last_sign_in_at: Some(now),
         };
-        self.store.insert_user(&user).await?;
+        self.store
+            .insert_user(
+                &user,
+                &Actor {
+                    kind: "user",
+                    id: user.id.clone(),
+                },
+            )
+            .await?;
         self.start_new_user_session(&user.id, client).await
     }
 
@@ -634,7 +652,11 @@ impl AuthService {
             revoke = RevokeSessions::AllExcept(session_id.to_string());
         }
         patch.email = email;
-        match self.write_user(id, &patch, &guard, &revoke).await? {
+        let actor = Actor {
+            kind: "user",
+            id: id.to_string(),
+        };
+        match self.write_user(id, &patch, &guard, &revoke, &actor).await? {
             Guarded::Done(user) => Ok(user),
             Guarded::Gone => Err(ApiError::NotFound("user not found".into())),
             Guarded::Disabled => Err(account_disabled()),
@@ -650,10 +672,11 @@ impl AuthService {
         patch: &UserPatch,
         guard: &UserGuard,
         revoke: &RevokeSessions,
+        actor: &Actor,
     ) -> ApiResult<Guarded<UserRow>> {
         match self
             .store
-            .update_user(id, patch, guard, revoke, Utc::now())
+            .update_user(id, patch, guard, revoke, Utc::now(), actor)
             .await
         {
             Err(StoreError::AlreadyExists(_)) => Err(ApiError::AlreadyExists(
@@ -663,8 +686,9 @@ impl AuthService {
         }
     }
 
-    pub async fn delete_user(&self, id: &str) -> ApiResult<()> {
-        if !self.store.delete_user(id).await? {
+    /// Deletes a user (the user themselves, or an admin: `caller`).
+    pub async fn delete_user(&self, id: &str, caller: &Caller) -> ApiResult<()> {
+        if !self.store.delete_user(id, &caller.actor()).await? {
             return Err(ApiError::NotFound("user not found".into()));
         }
         Ok(())
@@ -839,6 +863,7 @@ impl AuthService {
 
     pub async fn admin_create_user(
         &self,
+        caller: &Caller,
         email: &str,
         password: Option<&str>,
         email_verified: bool,
@@ -873,7 +898,7 @@ impl AuthService {
             updated_at: now,
             last_sign_in_at: None,
         };
-        match self.store.insert_user(&user).await {
+        match self.store.insert_user(&user, &caller.actor()).await {
             Err(StoreError::AlreadyExists(_)) => Err(ApiError::AlreadyExists(
                 "a user with this email already exists".into(),
             )),
@@ -889,7 +914,12 @@ impl AuthService {
     /// session in the same transaction, so refreshing fails at once and no sign-in or
     /// refresh decided before the write can outlive it; access tokens already issued run out
     /// at their expiry.
-    pub async fn admin_update_user(&self, id: &str, update: AdminUserUpdate) -> ApiResult<UserRow> {
+    pub async fn admin_update_user(
+        &self,
+        caller: &Caller,
+        id: &str,
+        update: AdminUserUpdate,
+    ) -> ApiResult<UserRow> {
         let mut patch = UserPatch {
             email_verified: update.email_verified,
             disabled: update.disabled,
@@ -917,7 +947,7 @@ impl AuthService {
             RevokeSessions::None
         };
         match self
-            .write_user(id, &patch, &UserGuard::default(), &revoke)
+            .write_user(id, &patch, &UserGuard::default(), &revoke, &caller.actor())
             .await?
         {
             Guarded::Done(user) => Ok(user),

@@ -278,13 +278,15 @@ impl DocumentService {
         Ok(view)
     }
 
-    pub async fn delete_collection(&self, name: &str) -> ApiResult<()> {
+    /// Drops the collection with its documents; each document's deletion is a change-stream
+    /// event (by `caller`), so subscribers and triggers see them go.
+    pub async fn delete_collection(&self, name: &str, caller: &Caller) -> ApiResult<()> {
         check_collection_name(name)?;
         self.cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(name);
-        if !self.store.delete_collection(name).await? {
+        if !self.store.delete_collection(name, &caller.actor()).await? {
             return Err(ApiError::NotFound(format!("collection `{name}` not found")));
         }
         Ok(())

@@ -44,7 +44,7 @@ use crate::query::{self, Cursor, Direction, Field, Filter, Op, Operand, Order, Q
 use crate::rules::{AuthInfo, Evaluation, Pushdown, RequestInfo, Rule, RuleInput};
 use crate::store::docsql::is_index_safe_key;
 use crate::store::{
-    document_json, CollectionRow, Decision, DocumentRow, Fetched, IndexSpec, PlannedWrite,
+    document_json, CollectionRow, Decision, DocumentRow, EventOp, Fetched, IndexSpec, PlannedWrite,
     Rejection, Scan, Store, StoreError, WriteDecision, WriteOutcome,
 };
 use access::{Halt, Judge, ReadPlan};

@@ -44,8 +44,12 @@ impl DocumentService {
     }
 
     /// Runs planned writes in one transaction; maps the store's answers into API errors.
-    pub(super) async fn run(&self, writes: Vec<PlannedWrite>) -> ApiResult<Vec<WriteOutcome>> {
-        match self.store.apply_writes(writes).await {
+    pub(super) async fn run(
+        &self,
+        writes: Vec<PlannedWrite>,
+        caller: &Caller,
+    ) -> ApiResult<Vec<WriteOutcome>> {
+        match self.store.apply_writes(writes, &caller.actor()).await {
             Ok(outcomes) => Ok(outcomes),
             Err(StoreError::AlreadyExists(_)) => Err(ApiError::AlreadyExists(
                 "another document already has this value of a unique index".into(),
@@ -76,11 +80,11 @@ impl DocumentService {
         };
         let plan = self.plan(coll, principal, id, kind, pre, None);
         let outcome = self
-            .run(vec![plan])
+            .run(vec![plan], caller)
             .await?
             .pop()
             .expect("one write, one outcome");
-        let created = outcome.change.op == "create";
+        let created = outcome.op == EventOp::Create;
         Ok((outcome.document.as_ref().map(Document::from), created))
     }
 
@@ -136,25 +140,19 @@ impl DocumentService {
             };
             plans.push(self.plan(coll, principal, id, kind, pre, Some(i)));
         }
-        let outcomes = self.run(plans).await?;
+        let outcomes = self.run(plans, caller).await?;
         Ok(outcomes
             .iter()
             .map(|o| {
                 json!({
-                    "op": o.change.op,
-                    "collection": o.change.collection,
-                    "id": o.change.id,
-                    "version": o.change.version,
+                    "op": o.op,
+                    "collection": o.collection,
+                    "id": o.id,
+                    "version": o.version,
                     "document": o.document.as_ref().map(Document::from),
                 })
             })
             .collect())
-    }
-
-    /// Deletes change-log entries older than the retention.
-    pub async fn prune_changes(&self) -> ApiResult<u64> {
-        let keep = chrono::Duration::hours(self.config.change_retention_hours as i64);
-        Ok(self.store.prune_changes(Utc::now() - keep).await?)
     }
 }
 

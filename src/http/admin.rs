@@ -189,6 +189,7 @@ async fn create_user(
     let user = state
         .auth
         .admin_create_user(
+            &caller,
             &body.email,
             body.password.as_deref(),
             body.email_verified,
@@ -244,7 +245,7 @@ async fn update_user(
         }
     }
     let disabled = update.disabled;
-    let user = state.auth.admin_update_user(&id, update).await?;
+    let user = state.auth.admin_update_user(&caller, &id, update).await?;
     state
         .audit
         .record(
@@ -265,7 +266,7 @@ async fn delete_user(
     AdminCaller(caller): AdminCaller,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    state.auth.delete_user(&id).await?;
+    state.auth.delete_user(&id, &caller).await?;
     state
         .audit
         .record(&caller, "user.delete", Some(&id), json!({}))

@@ -197,7 +197,11 @@ async fn delete_user(
     State(state): State<AppState>,
     AuthUser(claims): AuthUser,
 ) -> ApiResult<StatusCode> {
-    state.auth.delete_user(&claims.sub).await?;
+    let id = claims.sub.clone();
+    state
+        .auth
+        .delete_user(&id, &crate::auth::Caller::User(claims))
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -339,7 +339,7 @@ async fn delete_collection(
     AdminCaller(caller): AdminCaller,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
-    state.documents.delete_collection(&name).await?;
+    state.documents.delete_collection(&name, &caller).await?;
     state
         .audit
         .record(&caller, "collection.delete", Some(&name), json!({}))

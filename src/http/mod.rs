@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod changes;
 pub mod documents;
 pub mod extract;
 pub mod ops;
@@ -76,7 +77,9 @@ pub fn api() -> OpenApiRouter<AppState> {
         .nest("/v1/auth", auth::router())
         .nest(
             "/v1/admin",
-            admin::router().merge(documents::admin_router()),
+            admin::router()
+                .merge(documents::admin_router())
+                .merge(changes::router()),
         )
         .nest("/v1/db", documents::router())
 }

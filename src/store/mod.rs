@@ -8,6 +8,7 @@
 //! `Arc<dyn Store>`.
 
 pub mod docsql;
+pub mod events;
 pub mod postgres;
 pub mod sqlite;
 
@@ -16,6 +17,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+
+pub use events::{
+    document_topic, user_json, Actor, CommitHook, ConsumerRow, Event, EventOp, EventSnapshot,
+    EventStore, NewEvent, USERS_TOPIC,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -260,13 +266,14 @@ pub trait AuthStore: Send + Sync {
     ) -> StoreResult<()>;
 
     // --- users
-    /// Fails with `AlreadyExists("email")` when the email is taken.
-    async fn insert_user(&self, user: &UserRow) -> StoreResult<()>;
+    /// Fails with `AlreadyExists("email")` when the email is taken. Appends a `create` event
+    /// on `auth/users`.
+    async fn insert_user(&self, user: &UserRow, actor: &Actor) -> StoreResult<()>;
     async fn user_by_id(&self, id: &str) -> StoreResult<Option<UserRow>>;
     async fn user_by_email(&self, email: &str) -> StoreResult<Option<UserRow>>;
     /// Sets the columns `patch` names (and `updated_at`) if the row passes `guard`, and
     /// revokes the sessions `revoke` names, in one transaction; answers the row as written.
-    /// `AlreadyExists("email")` on a taken email.
+    /// `AlreadyExists("email")` on a taken email. Appends an `update` event on `auth/users`.
     async fn update_user(
         &self,
         id: &str,
@@ -274,9 +281,11 @@ pub trait AuthStore: Send + Sync {
         guard: &UserGuard,
         revoke: &RevokeSessions,
         at: DateTime<Utc>,
+        actor: &Actor,
     ) -> StoreResult<Guarded<UserRow>>;
-    /// Deletes the user with its sessions and refresh tokens. `false` if there was none.
-    async fn delete_user(&self, id: &str) -> StoreResult<bool>;
+    /// Deletes the user with its sessions and refresh tokens, appending a `delete` event.
+    /// `false` if there was none.
+    async fn delete_user(&self, id: &str, actor: &Actor) -> StoreResult<bool>;
     async fn list_users(
         &self,
         search: Option<&str>,
@@ -381,21 +390,6 @@ pub struct IndexSpec {
     pub unique: bool,
 }
 
-/// One entry of the change log: every committed document write appends one in the same
-/// transaction.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ChangeRow {
-    pub seq: i64,
-    pub collection: String,
-    pub id: String,
-    /// `create`, `update` or `delete`.
-    pub op: String,
-    pub version: i64,
-    pub document: Option<Value>,
-    pub old_document: Option<Value>,
-    pub time: DateTime<Utc>,
-}
-
 /// What a write does once it has seen the current document.
 #[derive(Debug, Clone)]
 pub enum WriteDecision {
@@ -483,9 +477,15 @@ pub struct PlannedWrite {
 
 #[derive(Debug, Clone)]
 pub struct WriteOutcome {
+    pub collection: String,
+    pub id: String,
+    pub op: EventOp,
+    /// The version the write gave the document (a delete counts as one more).
+    pub version: i64,
     /// The document after the write; `None` after a delete.
     pub document: Option<DocumentRow>,
-    pub change: ChangeRow,
+    /// The write's position in the change stream.
+    pub position: i64,
 }
 
 /// What a document scan reads: the collection, a filter (the caller has already combined the
@@ -553,57 +553,65 @@ pub(crate) enum RowWrite {
     Delete,
 }
 
+/// A decided document write: the row to write and the event to append with it.
+pub(crate) struct PlannedRow {
+    pub write: RowWrite,
+    pub event: NewEvent,
+    pub version: i64,
+}
+
 /// Turns a write's decision on the current document into the row to write and its
-/// change-log entry (`seq` is filled in by the insert). Shared by both dialects, which only
-/// execute it.
+/// change-stream event. Shared by both dialects, which only execute it.
 pub(crate) fn plan_row_write(
-    collection: String,
-    id: String,
+    collection: &str,
+    id: &str,
     decision: WriteDecision,
     current: Option<&DocumentRow>,
     now: DateTime<Utc>,
-) -> StoreResult<(RowWrite, ChangeRow)> {
+    actor: &Actor,
+) -> StoreResult<PlannedRow> {
     let (write, op, version) = match (decision, current) {
         (WriteDecision::Put(data), Some(cur)) => {
             let doc = DocumentRow {
-                collection: collection.clone(),
-                id: id.clone(),
+                collection: collection.to_string(),
+                id: id.to_string(),
                 data,
                 version: cur.version + 1,
                 created_at: cur.created_at,
                 updated_at: now,
             };
-            (RowWrite::Update(doc), "update", cur.version + 1)
+            (RowWrite::Update(doc), EventOp::Update, cur.version + 1)
         }
         (WriteDecision::Put(data), None) => {
             let doc = DocumentRow {
-                collection: collection.clone(),
-                id: id.clone(),
+                collection: collection.to_string(),
+                id: id.to_string(),
                 data,
                 version: 1,
                 created_at: now,
                 updated_at: now,
             };
-            (RowWrite::Insert(doc), "create", 1)
+            (RowWrite::Insert(doc), EventOp::Create, 1)
         }
-        (WriteDecision::Delete, Some(cur)) => (RowWrite::Delete, "delete", cur.version + 1),
+        (WriteDecision::Delete, Some(cur)) => (RowWrite::Delete, EventOp::Delete, cur.version + 1),
         (WriteDecision::Delete, None) => return Err(StoreError::NotFound),
     };
-    let document = match &write {
+    let data = match &write {
         RowWrite::Insert(d) | RowWrite::Update(d) => Some(document_json(d)),
         RowWrite::Delete => None,
     };
-    let change = ChangeRow {
-        seq: 0,
-        collection,
-        id,
-        op: op.into(),
+    Ok(PlannedRow {
+        write,
+        event: NewEvent {
+            topic: document_topic(collection),
+            key: id.to_string(),
+            op,
+            actor: actor.clone(),
+            data,
+            old_data: current.map(document_json),
+        },
         version,
-        document,
-        old_document: current.map(document_json),
-        time: now,
-    };
-    Ok((write, change))
+    })
 }
 
 impl RowWrite {
@@ -611,35 +619,6 @@ impl RowWrite {
         match self {
             RowWrite::Insert(d) | RowWrite::Update(d) => Some(d),
             RowWrite::Delete => None,
-        }
-    }
-}
-
-/// The in-process change feed: every committed document write, in commit order on SQLite
-/// (published while the single writer still holds its lock) and in commit-completion order on
-/// PostgreSQL. A subscriber that falls behind gets `Lagged` and catches up from the change
-/// log with [`DocumentStore::changes_since`]. Realtime and function triggers consume it.
-pub struct ChangeFeed {
-    tx: tokio::sync::broadcast::Sender<Arc<ChangeRow>>,
-}
-
-impl Default for ChangeFeed {
-    fn default() -> Self {
-        ChangeFeed {
-            tx: tokio::sync::broadcast::channel(4096).0,
-        }
-    }
-}
-
-impl ChangeFeed {
-    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<ChangeRow>> {
-        self.tx.subscribe()
-    }
-
-    pub fn publish(&self, outcomes: &[WriteOutcome]) {
-        for o in outcomes {
-            // No subscriber is not an error.
-            let _ = self.tx.send(Arc::new(o.change.clone()));
         }
     }
 }
@@ -653,14 +632,20 @@ pub trait DocumentStore: Send + Sync {
     /// Creates or replaces the collection and makes its SQL indexes exactly `indexes`. A
     /// unique index that existing documents violate fails with `Conflict`.
     async fn put_collection(&self, row: &CollectionRow, indexes: &[IndexSpec]) -> StoreResult<()>;
-    /// Deletes the collection, its documents and its indexes. `false` if there was none.
-    async fn delete_collection(&self, name: &str) -> StoreResult<bool>;
+    /// Deletes the collection, its documents and its indexes, appending a `delete` event for
+    /// each document. `false` if there was none.
+    async fn delete_collection(&self, name: &str, actor: &Actor) -> StoreResult<bool>;
 
     async fn get_document(&self, collection: &str, id: &str) -> StoreResult<Option<DocumentRow>>;
     /// Applies the writes in one transaction, in order, all or nothing. Each write's `decide`
     /// sees the current document under the transaction's lock. A unique-index violation is
-    /// `AlreadyExists`; a `decide` refusal is `Rejected` with the caller's error.
-    async fn apply_writes(&self, writes: Vec<PlannedWrite>) -> StoreResult<Vec<WriteOutcome>>;
+    /// `AlreadyExists`; a `decide` refusal is `Rejected` with the caller's error. Every write
+    /// appends its event (by `actor`) in the same transaction.
+    async fn apply_writes(
+        &self,
+        writes: Vec<PlannedWrite>,
+        actor: &Actor,
+    ) -> StoreResult<Vec<WriteOutcome>>;
     async fn scan_documents(&self, scan: &Scan<'_>) -> StoreResult<Vec<DocumentRow>>;
     async fn count_documents(&self, scan: &Scan<'_>) -> StoreResult<u64>;
     /// Count and numeric sums over the documents a scan's filter matches (order and limit
@@ -671,21 +656,13 @@ pub trait DocumentStore: Send + Sync {
         paths: &[Vec<String>],
     ) -> StoreResult<NumericAggregates>;
 
-    /// The feed every committed write is published on.
-    fn feed(&self) -> &ChangeFeed;
-
-    /// Change-log entries with `seq > after`, oldest first.
-    async fn changes_since(&self, after: i64, limit: u32) -> StoreResult<Vec<ChangeRow>>;
-    /// Deletes change-log entries older than `before`; returns how many.
-    async fn prune_changes(&self, before: DateTime<Utc>) -> StoreResult<u64>;
-
     /// Periodic upkeep of the query planner's statistics (SQLite's `PRAGMA optimize`;
     /// PostgreSQL's autovacuum does this by itself).
     async fn optimize(&self) -> StoreResult<()>;
 }
 
 #[async_trait]
-pub trait Store: AuthStore + DocumentStore {
+pub trait Store: AuthStore + DocumentStore + EventStore {
     /// `sqlite` or `postgres`.
     fn dialect(&self) -> &'static str;
     /// A cheap round trip, for `/ready`.

@@ -26,9 +26,7 @@ store_tests!(
     concurrent_increments_lose_nothing,
     concurrent_if_match_writers_exactly_one_wins,
     injection_attempts_in_paths_and_values_find_nothing,
-    every_write_appends_to_the_change_log_and_the_feed,
     deleting_a_collection_drops_its_documents,
-    change_log_entries_past_their_retention_are_pruned,
 );
 
 pub async fn admin_collection(app: &TestApp, admin: &str, name: &str, spec: Value) {
@@ -1125,79 +1123,6 @@ async fn injection_attempts_in_paths_and_values_find_nothing(backend: Backend) {
     );
 }
 
-async fn every_write_appends_to_the_change_log_and_the_feed(backend: Backend) {
-    let app = spawn_app(backend).await;
-    let admin = app.admin_token().await;
-    admin_collection(&app, &admin, "logged", json!({"rules": open_rules()})).await;
-    let mut feed = app.state.store.feed().subscribe();
-    let start = app
-        .state
-        .store
-        .changes_since(0, 10_000)
-        .await
-        .unwrap()
-        .last()
-        .map(|c| c.seq)
-        .unwrap_or(0);
-    create(&app, &admin, "logged", json!({"id": "x", "data": {"n": 1}}))
-        .await
-        .assert_ok();
-    app.patch("/v1/db/logged/x", Some(&admin), json!({"data": {"n": 2}}))
-        .await
-        .assert_ok();
-    app.post(
-        "/v1/db/_batch",
-        Some(&admin),
-        json!({"writes": [
-        {"op": "create", "collection": "logged", "id": "y", "data": {}},
-        {"op": "delete", "collection": "logged", "id": "x"}]}),
-    )
-    .await
-    .assert_ok();
-    let changes = app.state.store.changes_since(start, 100).await.unwrap();
-    let ops: Vec<(&str, &str, i64)> = changes
-        .iter()
-        .map(|c| (c.op.as_str(), c.id.as_str(), c.version))
-        .collect();
-    assert_eq!(
-        ops,
-        vec![
-            ("create", "x", 1),
-            ("update", "x", 2),
-            ("create", "y", 1),
-            ("delete", "x", 3)
-        ]
-    );
-    assert!(changes.windows(2).all(|w| w[0].seq < w[1].seq));
-    assert_eq!(changes[1].old_document.as_ref().unwrap()["data"]["n"], 1);
-    assert_eq!(changes[1].document.as_ref().unwrap()["data"]["n"], 2);
-    assert!(changes[3].document.is_none());
-    assert_eq!(changes[3].old_document.as_ref().unwrap()["id"], "x");
-    // The in-process feed saw the same entries, in the same order.
-    let mut published = Vec::new();
-    for _ in 0..4 {
-        let c = tokio::time::timeout(std::time::Duration::from_secs(5), feed.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        published.push(c.seq);
-    }
-    assert_eq!(published, changes.iter().map(|c| c.seq).collect::<Vec<_>>());
-    // A failed write appends nothing.
-    create(&app, &admin, "logged", json!({"id": "y", "data": {}}))
-        .await
-        .assert_error(409, "already_exists");
-    assert_eq!(
-        app.state
-            .store
-            .changes_since(start, 100)
-            .await
-            .unwrap()
-            .len(),
-        4
-    );
-}
-
 async fn deleting_a_collection_drops_its_documents(backend: Backend) {
     let app = spawn_app(backend).await;
     let admin = app.admin_token().await;
@@ -1228,32 +1153,4 @@ async fn deleting_a_collection_drops_its_documents(backend: Backend) {
         vec![("b", json!({"n": 1})), ("c", json!({"n": 1}))],
     )
     .await;
-}
-
-async fn change_log_entries_past_their_retention_are_pruned(backend: Backend) {
-    let app = spawn_app_with(backend, |c| c.documents.change_retention_hours = 0).await;
-    let admin = app.admin_token().await;
-    admin_collection(&app, &admin, "short", json!({"rules": open_rules()})).await;
-    create(&app, &admin, "short", json!({"id": "a", "data": {}}))
-        .await
-        .assert_ok();
-    assert!(!app
-        .state
-        .store
-        .changes_since(0, 10)
-        .await
-        .unwrap()
-        .is_empty());
-    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    let pruned = app.state.documents.prune_changes().await.unwrap();
-    assert!(pruned >= 1);
-    assert!(app
-        .state
-        .store
-        .changes_since(0, 10)
-        .await
-        .unwrap()
-        .is_empty());
-    // The documents themselves are untouched.
-    app.get("/v1/db/short/a", Some(&admin)).await.assert_ok();
 }

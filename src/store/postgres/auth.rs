@@ -6,11 +6,12 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::PgRow;
 use sqlx::Row;
 
-use super::{map_err, PgStore};
+use super::{events, map_err, PgStore};
+use crate::store::events::{user_deleted, user_event};
 use crate::store::{
-    contains_pattern, AdminRow, AuditRow, AuthStore, Guarded, NewAudit, RefreshTokenRow,
-    RevokeSessions, Rotation, ServiceKeyRow, SessionRow, SigningKeyRow, StoreResult, UserCursor,
-    UserGuard, UserPatch, UserRow,
+    contains_pattern, Actor, AdminRow, AuditRow, AuthStore, EventOp, Guarded, NewAudit,
+    RefreshTokenRow, RevokeSessions, Rotation, ServiceKeyRow, SessionRow, SigningKeyRow,
+    StoreResult, UserCursor, UserGuard, UserPatch, UserRow,
 };
 
 const USER_COLUMNS: &str = "id, email, password_hash, email_verified, is_anonymous, data, claims, \
@@ -164,7 +165,8 @@ impl AuthStore for PgStore {
         Ok(())
     }
 
-    async fn insert_user(&self, u: &UserRow) -> StoreResult<()> {
+    async fn insert_user(&self, u: &UserRow, actor: &Actor) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
         sqlx::query(&format!(
             "INSERT INTO users ({USER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
         ))
@@ -181,9 +183,17 @@ impl AuthStore for PgStore {
         .bind(u.created_at)
         .bind(u.updated_at)
         .bind(u.last_sign_in_at)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(map_err)?;
+        let events = events::append(
+            &mut tx,
+            u.created_at,
+            vec![user_event(EventOp::Create, u, None, actor.clone())],
+        )
+        .await?;
+        tx.commit().await.map_err(map_err)?;
+        self.hooks.committed(&events);
         Ok(())
     }
 
@@ -214,8 +224,22 @@ impl AuthStore for PgStore {
         guard: &UserGuard,
         revoke: &RevokeSessions,
         at: DateTime<Utc>,
+        actor: &Actor,
     ) -> StoreResult<Guarded<UserRow>> {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
+        // The row as it was, for the event's `old_data`; locking it here takes the same row
+        // lock the UPDATE below would, only earlier in this transaction.
+        let before = sqlx::query(&format!(
+            "SELECT {USER_COLUMNS} FROM users WHERE id = $1 FOR UPDATE"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?
+        .as_ref()
+        .map(user_from_row)
+        .transpose()
+        .map_err(map_err)?;
         // The row lock this UPDATE takes is what start_session and rotate_refresh_token wait
         // on; the session revoke below is a later statement, so under READ COMMITTED its
         // snapshot includes every session they committed while it waited. Every right-hand
@@ -260,6 +284,17 @@ impl AuthStore for PgStore {
             return refusal(&mut tx, id, guard).await;
         };
         let user = user_from_row(&row).map_err(map_err)?;
+        let events = events::append(
+            &mut tx,
+            at,
+            vec![user_event(
+                EventOp::Update,
+                &user,
+                before.as_ref(),
+                actor.clone(),
+            )],
+        )
+        .await?;
         let except = match revoke {
             RevokeSessions::None => None,
             RevokeSessions::All => Some(None),
@@ -278,16 +313,26 @@ impl AuthStore for PgStore {
             .map_err(map_err)?;
         }
         tx.commit().await.map_err(map_err)?;
+        self.hooks.committed(&events);
         Ok(Guarded::Done(user))
     }
 
-    async fn delete_user(&self, id: &str) -> StoreResult<bool> {
-        let done = sqlx::query("DELETE FROM users WHERE id = $1")
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map_err(map_err)?;
-        Ok(done.rows_affected() > 0)
+    async fn delete_user(&self, id: &str, actor: &Actor) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let row = sqlx::query(&format!(
+            "DELETE FROM users WHERE id = $1 RETURNING {USER_COLUMNS}"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let Some(row) = row else { return Ok(false) };
+        let before = user_from_row(&row).map_err(map_err)?;
+        let event = user_deleted(&before, actor.clone());
+        let events = events::append(&mut tx, Utc::now(), vec![event]).await?;
+        tx.commit().await.map_err(map_err)?;
+        self.hooks.committed(&events);
+        Ok(true)
     }
 
     async fn list_users(

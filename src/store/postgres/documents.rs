@@ -2,19 +2,18 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use serde_json::Value;
 use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::query::Query;
 use sqlx::{Postgres, Row};
 
-use super::{map_err, PgStore};
+use super::{events, map_err, PgStore};
 use crate::store::docsql::{
     aggregate_sql, create_index_sql, scan_where, Bind, Dialect, SqlBuilder,
 };
 use crate::store::{
-    index_prefix, plan_row_write, ChangeRow, CollectionRow, DecideLoop, DocumentRow, DocumentStore,
-    IndexSpec, NumericAggregates, PlannedWrite, RowWrite, Scan, StoreError, StoreResult,
-    WriteOutcome,
+    index_prefix, plan_row_write, Actor, CollectionRow, DecideLoop, DocumentRow, DocumentStore,
+    IndexSpec, NumericAggregates, PlannedRow, PlannedWrite, RowWrite, Scan, StoreError,
+    StoreResult, WriteOutcome,
 };
 
 const DOC_COLUMNS: &str = "collection, id, data, version, created_at, updated_at";
@@ -165,20 +164,19 @@ impl DocumentStore for PgStore {
         tx.commit().await.map_err(map_err)
     }
 
-    async fn delete_collection(&self, name: &str) -> StoreResult<bool> {
+    async fn delete_collection(&self, name: &str, actor: &Actor) -> StoreResult<bool> {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
         let done = sqlx::query("DELETE FROM collections WHERE name = $1")
             .bind(name)
             .execute(&mut *tx)
             .await
             .map_err(map_err)?;
-        sqlx::query("DELETE FROM documents WHERE collection = $1")
-            .bind(name)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
+        // Deletes the documents and appends their events in one statement: a document
+        // written meanwhile is either deleted with its event or not deleted at all.
+        let events = events::drop_collection(&mut tx, Utc::now(), name, actor).await?;
         create_indexes(&mut tx, name, &[]).await?;
         tx.commit().await.map_err(map_err)?;
+        self.hooks.committed(&events);
         Ok(done.rows_affected() > 0)
     }
 
@@ -197,11 +195,11 @@ impl DocumentStore for PgStore {
             .map_err(map_err)
     }
 
-    fn feed(&self) -> &crate::store::ChangeFeed {
-        &self.feed
-    }
-
-    async fn apply_writes(&self, writes: Vec<PlannedWrite>) -> StoreResult<Vec<WriteOutcome>> {
+    async fn apply_writes(
+        &self,
+        writes: Vec<PlannedWrite>,
+        actor: &Actor,
+    ) -> StoreResult<Vec<WriteOutcome>> {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
         let now: DateTime<Utc> = Utc::now();
         // Serialise writers of each document, including creators of a missing one (the
@@ -222,6 +220,7 @@ impl DocumentStore for PgStore {
         .await
         .map_err(map_err)?;
         let mut outcomes = Vec::with_capacity(writes.len());
+        let mut appended = Vec::with_capacity(writes.len());
         for w in writes {
             let current = read_document(&mut tx, &w.collection, &w.id).await?;
             let mut decide = w.decide;
@@ -237,8 +236,11 @@ impl DocumentStore for PgStore {
                     }
                 }
             };
-            let (write, change) =
-                plan_row_write(w.collection, w.id, decision, current.as_ref(), now)?;
+            let PlannedRow {
+                write,
+                event,
+                version,
+            } = plan_row_write(&w.collection, &w.id, decision, current.as_ref(), now, actor)?;
             let statement = match &write {
                 RowWrite::Update(doc) => sqlx::query(
                     "UPDATE documents SET data = $3, version = $4, updated_at = $5
@@ -259,33 +261,28 @@ impl DocumentStore for PgStore {
                 .bind(now),
                 RowWrite::Delete => {
                     sqlx::query("DELETE FROM documents WHERE collection = $1 AND id = $2")
-                        .bind(&change.collection)
-                        .bind(&change.id)
+                        .bind(&w.collection)
+                        .bind(&w.id)
                 }
             };
             statement.execute(&mut *tx).await.map_err(map_err)?;
-            let document = write.into_document();
-            let seq: i64 = sqlx::query_scalar(
-                "INSERT INTO changes (collection, id, op, version, document, old_document, time)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING seq",
-            )
-            .bind(&change.collection)
-            .bind(&change.id)
-            .bind(&change.op)
-            .bind(change.version)
-            .bind(&change.document)
-            .bind(&change.old_document)
-            .bind(now)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(map_err)?;
+            let op = event.op;
+            appended.push(event);
             outcomes.push(WriteOutcome {
-                document,
-                change: ChangeRow { seq, ..change },
+                collection: w.collection,
+                id: w.id,
+                op,
+                version,
+                document: write.into_document(),
+                position: 0,
             });
         }
+        let events = events::append(&mut tx, now, appended).await?;
+        for (o, e) in outcomes.iter_mut().zip(&events) {
+            o.position = e.position;
+        }
         tx.commit().await.map_err(map_err)?;
-        self.feed.publish(&outcomes);
+        self.hooks.committed(&events);
         Ok(outcomes)
     }
 
@@ -340,42 +337,6 @@ impl DocumentStore for PgStore {
             out.sums.push((sum.unwrap_or(0.0), count as u64));
         }
         Ok(out)
-    }
-
-    async fn changes_since(&self, after: i64, limit: u32) -> StoreResult<Vec<ChangeRow>> {
-        let rows = sqlx::query(
-            "SELECT seq, collection, id, op, version, document, old_document, time
-             FROM changes WHERE seq > $1 ORDER BY seq LIMIT $2",
-        )
-        .bind(after)
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map_err)?;
-        rows.iter()
-            .map(|row| {
-                Ok(ChangeRow {
-                    seq: row.try_get(0)?,
-                    collection: row.try_get(1)?,
-                    id: row.try_get(2)?,
-                    op: row.try_get(3)?,
-                    version: row.try_get(4)?,
-                    document: row.try_get::<Option<Value>, _>(5)?,
-                    old_document: row.try_get::<Option<Value>, _>(6)?,
-                    time: row.try_get(7)?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(map_err)
-    }
-
-    async fn prune_changes(&self, before: DateTime<Utc>) -> StoreResult<u64> {
-        let done = sqlx::query("DELETE FROM changes WHERE time < $1")
-            .bind(before)
-            .execute(&self.pool)
-            .await
-            .map_err(map_err)?;
-        Ok(done.rows_affected())
     }
 
     async fn optimize(&self) -> StoreResult<()> {

@@ -3,6 +3,7 @@
 
 mod auth;
 mod documents;
+mod events;
 
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use super::{Store, StoreError, StoreResult};
 
 pub struct PgStore {
     pub(crate) pool: PgPool,
-    pub(crate) feed: super::ChangeFeed,
+    pub(crate) hooks: super::events::CommitHooks,
 }
 
 impl PgStore {
@@ -37,7 +38,7 @@ impl PgStore {
             .map_err(|e| anyhow::anyhow!("PostgreSQL migrations failed: {e}"))?;
         Ok(PgStore {
             pool,
-            feed: super::ChangeFeed::default(),
+            hooks: super::events::CommitHooks::default(),
         })
     }
 }

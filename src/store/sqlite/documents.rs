@@ -1,20 +1,21 @@
 //! Documents, collections and the change log on SQLite.
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, params_from_iter, OptionalExtension, Row, Transaction};
 use serde_json::Value;
 
-use super::{map_err, parse_ts, ts, SqliteStore};
+use super::{events, map_err, parse_ts, ts, SqliteStore};
 use crate::query::{Direction, Field, Filter, Op, Operand};
 use crate::store::docsql::{
     aggregate_sql, create_index_sql, scan_where, Bind, Dialect, SqlBuilder,
 };
 use crate::store::index_prefix;
 use crate::store::{
-    plan_row_write, ChangeRow, CollectionRow, DecideLoop, DocumentRow, DocumentStore, IndexSpec,
-    NumericAggregates, PlannedWrite, RowWrite, Scan, StoreError, StoreResult, WriteOutcome,
+    plan_row_write, Actor, CollectionRow, DecideLoop, DocumentRow, DocumentStore, IndexSpec,
+    NumericAggregates, PlannedRow, PlannedWrite, RowWrite, Scan, StoreError, StoreResult,
+    WriteOutcome,
 };
 
 fn json_text(row: &Row<'_>, idx: usize) -> rusqlite::Result<Value> {
@@ -54,19 +55,6 @@ fn collection_from_row(row: &Row<'_>) -> rusqlite::Result<CollectionRow> {
         schema: json_text_opt(row, 3)?,
         created_at: parse_ts(&row.get::<_, String>(4)?)?,
         updated_at: parse_ts(&row.get::<_, String>(5)?)?,
-    })
-}
-
-fn change_from_row(row: &Row<'_>) -> rusqlite::Result<ChangeRow> {
-    Ok(ChangeRow {
-        seq: row.get(0)?,
-        collection: row.get(1)?,
-        id: row.get(2)?,
-        op: row.get(3)?,
-        version: row.get(4)?,
-        document: json_text_opt(row, 5)?,
-        old_document: json_text_opt(row, 6)?,
-        time: parse_ts(&row.get::<_, String>(7)?)?,
     })
 }
 
@@ -256,18 +244,26 @@ impl DocumentStore for SqliteStore {
         .await
     }
 
-    async fn delete_collection(&self, name: &str) -> StoreResult<bool> {
+    async fn delete_collection(&self, name: &str, actor: &Actor) -> StoreResult<bool> {
         let name = name.to_string();
-        self.write(move |tx| {
-            let n = tx
-                .execute("DELETE FROM collections WHERE name = ?1", [&name])
-                .map_err(map_err)?;
-            tx.execute("DELETE FROM documents WHERE collection = ?1", [&name])
-                .map_err(map_err)?;
-            create_indexes(tx, &name, &[])?;
-            Ok(n > 0)
-        })
-        .await
+        let actor = actor.clone();
+        let hooks = self.hooks.clone();
+        let (existed, _) = self
+            .write_then(
+                move |tx| {
+                    let n = tx
+                        .execute("DELETE FROM collections WHERE name = ?1", [&name])
+                        .map_err(map_err)?;
+                    let events = events::append_collection_drop(tx, Utc::now(), &name, &actor)?;
+                    tx.execute("DELETE FROM documents WHERE collection = ?1", [&name])
+                        .map_err(map_err)?;
+                    create_indexes(tx, &name, &[])?;
+                    Ok((n > 0, events))
+                },
+                move |(_, events)| hooks.committed(events),
+            )
+            .await?;
+        Ok(existed)
     }
 
     async fn get_document(&self, collection: &str, id: &str) -> StoreResult<Option<DocumentRow>> {
@@ -285,82 +281,101 @@ impl DocumentStore for SqliteStore {
         .await
     }
 
-    fn feed(&self) -> &crate::store::ChangeFeed {
-        &self.feed
-    }
-
-    async fn apply_writes(&self, writes: Vec<PlannedWrite>) -> StoreResult<Vec<WriteOutcome>> {
-        let feed = self.feed.clone();
-        self.write_then(move |tx| {
-            let now = Utc::now();
-            let mut outcomes = Vec::with_capacity(writes.len());
-            for w in writes {
-                let current = read_document(tx, &w.collection, &w.id)?;
-                let mut decide = w.decide;
-                let mut rounds = DecideLoop::default();
-                let decision = loop {
-                    match rounds.step(&mut decide, current.as_ref(), now)? {
-                        Ok(decision) => break decision,
-                        Err(keys) => {
-                            for (collection, id) in keys {
-                                let doc = read_document(tx, &collection, &id)?;
-                                rounds.supply((collection, id), doc.as_ref());
+    async fn apply_writes(
+        &self,
+        writes: Vec<PlannedWrite>,
+        actor: &Actor,
+    ) -> StoreResult<Vec<WriteOutcome>> {
+        let hooks = self.hooks.clone();
+        let actor = actor.clone();
+        let (outcomes, _) = self
+            .write_then(
+                move |tx| {
+                    let now = Utc::now();
+                    let mut outcomes = Vec::with_capacity(writes.len());
+                    let mut appended = Vec::with_capacity(writes.len());
+                    for w in writes {
+                        let current = read_document(tx, &w.collection, &w.id)?;
+                        let mut decide = w.decide;
+                        let mut rounds = DecideLoop::default();
+                        let decision = loop {
+                            match rounds.step(&mut decide, current.as_ref(), now)? {
+                                Ok(decision) => break decision,
+                                Err(keys) => {
+                                    for (collection, id) in keys {
+                                        let doc = read_document(tx, &collection, &id)?;
+                                        rounds.supply((collection, id), doc.as_ref());
+                                    }
+                                }
                             }
-                        }
-                    }
-                };
-                let (write, change) =
-                    plan_row_write(w.collection, w.id, decision, current.as_ref(), now)?;
-                match &write {
-                    RowWrite::Update(doc) => tx
-                        .prepare_cached(
-                            "UPDATE documents SET data = ?3, version = ?4, updated_at = ?5
+                        };
+                        let PlannedRow {
+                            write,
+                            event,
+                            version,
+                        } = plan_row_write(
+                            &w.collection,
+                            &w.id,
+                            decision,
+                            current.as_ref(),
+                            now,
+                            &actor,
+                        )?;
+                        match &write {
+                            RowWrite::Update(doc) => tx
+                                .prepare_cached(
+                                    "UPDATE documents SET data = ?3, version = ?4, updated_at = ?5
                              WHERE collection = ?1 AND id = ?2",
-                        )
-                        .and_then(|mut s| {
-                            s.execute(params![doc.collection, doc.id, doc.data.to_string(), doc.version, ts(&now)])
-                        }),
-                    RowWrite::Insert(doc) => tx
-                        .prepare_cached(&format!(
+                                )
+                                .and_then(|mut s| {
+                                    s.execute(params![
+                                        doc.collection,
+                                        doc.id,
+                                        doc.data.to_string(),
+                                        doc.version,
+                                        ts(&now)
+                                    ])
+                                }),
+                            RowWrite::Insert(doc) => tx
+                                .prepare_cached(&format!(
                             "INSERT INTO documents ({DOC_COLUMNS}) VALUES (?1, ?2, ?3, 1, ?4, ?4)"
                         ))
-                        .and_then(|mut s| {
-                            s.execute(params![doc.collection, doc.id, doc.data.to_string(), ts(&now)])
-                        }),
-                    RowWrite::Delete => tx
-                        .prepare_cached("DELETE FROM documents WHERE collection = ?1 AND id = ?2")
-                        .and_then(|mut s| s.execute(params![change.collection, change.id])),
-                }
-                .map_err(map_err)?;
-                let document = write.into_document();
-                let seq: i64 = tx
-                    .prepare_cached(
-                        "INSERT INTO changes (collection, id, op, version, document, old_document, time)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING seq",
-                    )
-                    .and_then(|mut s| {
-                        s.query_row(
-                            params![
-                                change.collection,
-                                change.id,
-                                change.op,
-                                change.version,
-                                change.document.as_ref().map(Value::to_string),
-                                change.old_document.as_ref().map(Value::to_string),
-                                ts(&now)
-                            ],
-                            |r| r.get(0),
-                        )
-                    })
-                    .map_err(map_err)?;
-                outcomes.push(WriteOutcome {
-                    document,
-                    change: ChangeRow { seq, ..change },
-                });
-            }
-            Ok(outcomes)
-        }, move |outcomes| feed.publish(outcomes))
-        .await
+                                .and_then(|mut s| {
+                                    s.execute(params![
+                                        doc.collection,
+                                        doc.id,
+                                        doc.data.to_string(),
+                                        ts(&now)
+                                    ])
+                                }),
+                            RowWrite::Delete => tx
+                                .prepare_cached(
+                                    "DELETE FROM documents WHERE collection = ?1 AND id = ?2",
+                                )
+                                .and_then(|mut s| s.execute(params![w.collection, w.id])),
+                        }
+                        .map_err(map_err)?;
+                        let op = event.op;
+                        appended.push(event);
+                        outcomes.push(WriteOutcome {
+                            collection: w.collection,
+                            id: w.id,
+                            op,
+                            version,
+                            document: write.into_document(),
+                            position: 0,
+                        });
+                    }
+                    let events = events::append(tx, now, appended)?;
+                    for (o, e) in outcomes.iter_mut().zip(&events) {
+                        o.position = e.position;
+                    }
+                    Ok((outcomes, events))
+                },
+                move |(_, events)| hooks.committed(events),
+            )
+            .await?;
+        Ok(outcomes)
     }
 
     async fn scan_documents(&self, scan: &Scan<'_>) -> StoreResult<Vec<DocumentRow>> {
@@ -426,32 +441,6 @@ impl DocumentStore for SqliteStore {
                     })
                 })
                 .map_err(map_err)
-        })
-        .await
-    }
-
-    async fn changes_since(&self, after: i64, limit: u32) -> StoreResult<Vec<ChangeRow>> {
-        self.read(move |c| {
-            let mut stmt = c
-                .prepare_cached(
-                    "SELECT seq, collection, id, op, version, document, old_document, time
-                     FROM changes WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-                )
-                .map_err(map_err)?;
-            let rows = stmt
-                .query_map(params![after, limit], change_from_row)
-                .map_err(map_err)?;
-            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(map_err)
-        })
-        .await
-    }
-
-    async fn prune_changes(&self, before: DateTime<Utc>) -> StoreResult<u64> {
-        self.write(move |tx| {
-            let n = tx
-                .execute("DELETE FROM changes WHERE time < ?1", [ts(&before)])
-                .map_err(map_err)?;
-            Ok(n as u64)
         })
         .await
     }
@@ -546,7 +535,10 @@ mod tests {
                 }),
             })
             .collect();
-        store.apply_writes(writes).await.unwrap();
+        store
+            .apply_writes(writes, &crate::store::Actor::system("test"))
+            .await
+            .unwrap();
         let indexed = vec![vec!["n".to_string()], vec!["owner".to_string()]];
         // With statistics from PRAGMA optimize / ANALYZE and without any.
         for analyzed in [false, true] {

@@ -15,6 +15,7 @@
 
 mod auth;
 mod documents;
+mod events;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
@@ -41,6 +42,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0002_documents",
         include_str!("../../../migrations/sqlite/0002_documents.sql"),
     ),
+    (
+        "0003_events",
+        include_str!("../../../migrations/sqlite/0003_events.sql"),
+    ),
 ];
 
 /// The most writes one group commit carries.
@@ -63,7 +68,7 @@ pub struct SqliteStore {
     /// False once the writer thread has ended, however it ended.
     writer_alive: Arc<AtomicBool>,
     readers: r2d2::Pool<SqliteConnectionManager>,
-    pub(crate) feed: Arc<super::ChangeFeed>,
+    pub(crate) hooks: Arc<super::events::CommitHooks>,
 }
 
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
@@ -117,7 +122,7 @@ impl SqliteStore {
             writer: jobs,
             writer_alive,
             readers,
-            feed: Arc::new(super::ChangeFeed::default()),
+            hooks: Arc::new(super::events::CommitHooks::default()),
         })
     }
 

@@ -1,0 +1,356 @@
+//! The change stream on PostgreSQL: appending inside a write's own transaction, reading with
+//! what a commit-order reader needs (`event_snapshot`), retention, durable consumers, and the
+//! NOTIFY/LISTEN pair that wakes other nodes.
+//!
+//! Positions come from a sequence when an event is appended, so transactions take positions
+//! in one order and commit in another. The appending transaction's id is taken *before* its
+//! position (the `WITH x` below must be produced before its row's `nextval`), so any
+//! transaction holding a position below one a reader can see is listed as in progress in that
+//! reader's snapshot; `crate::changes` uses that to publish in commit order without any lock
+//! on the write path.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use serde_json::Value;
+use sqlx::postgres::{PgListener, PgRow};
+use sqlx::{Postgres, Row, Transaction};
+
+use super::{map_err, PgStore};
+use crate::store::events::{CommitHook, ConsumerRow, Event, EventSnapshot, EventStore, NewEvent};
+use crate::store::{Actor, EventOp, StoreResult};
+
+/// How far retention has deleted (a `meta` key).
+const PRUNED_THROUGH: &str = "events_pruned_through";
+/// The channel nodes announce committed events on.
+const CHANNEL: &str = "basalt_events";
+const EVENT_COLUMNS: &str = "position, topic, key, op, actor_type, actor_id, time, data, old_data";
+
+pub(crate) fn event_from_row(row: &PgRow) -> Result<Event, sqlx::Error> {
+    event_from(row, 0)
+}
+
+/// An event from a row whose [`EVENT_COLUMNS`] start at column `base`.
+fn event_from(row: &PgRow, base: usize) -> Result<Event, sqlx::Error> {
+    Ok(Event {
+        position: row.try_get(base)?,
+        topic: row.try_get(base + 1)?,
+        key: row.try_get(base + 2)?,
+        op: EventOp::from_stored(row.try_get(base + 3)?),
+        actor: Actor::from_stored(row.try_get(base + 4)?, row.try_get(base + 5)?),
+        time: row.try_get(base + 6)?,
+        data: row.try_get::<Option<Value>, _>(base + 7)?,
+        old_data: row.try_get::<Option<Value>, _>(base + 8)?,
+        payload_omitted: false,
+    })
+}
+
+/// Appends `events` inside `tx` at `now`, in one statement; answers them with their
+/// positions (in the order given). The caller hands them to the commit hooks after commit.
+pub(crate) async fn append(
+    tx: &mut Transaction<'_, Postgres>,
+    now: DateTime<Utc>,
+    events: Vec<NewEvent>,
+) -> StoreResult<Vec<Event>> {
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut topics = Vec::with_capacity(events.len());
+    let mut keys = Vec::with_capacity(events.len());
+    let mut ops = Vec::with_capacity(events.len());
+    let mut kinds = Vec::with_capacity(events.len());
+    let mut ids = Vec::with_capacity(events.len());
+    let mut data = Vec::with_capacity(events.len());
+    let mut old = Vec::with_capacity(events.len());
+    for e in &events {
+        topics.push(e.topic.as_str());
+        keys.push(e.key.as_str());
+        ops.push(e.op.as_str());
+        kinds.push(e.actor.kind);
+        ids.push(e.actor.id.as_str());
+        data.push(e.data.clone());
+        old.push(e.old_data.clone());
+    }
+    // `nextval` is volatile, so it is evaluated after the sort, in `n` order: positions follow
+    // the order of the writes in the transaction.
+    let positions: Vec<i64> = sqlx::query_scalar(
+        "WITH x AS (SELECT pg_current_xact_id() AS xid)
+         INSERT INTO events (position, xid, topic, key, op, actor_type, actor_id, time, data, old_data)
+         SELECT nextval('events_position_seq'), x.xid, e.topic, e.key, e.op, e.kind, e.id, $8,
+                e.data, e.old
+         FROM x, unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[],
+                        $7::jsonb[]) WITH ORDINALITY AS e(topic, key, op, kind, id, data, old, n)
+         ORDER BY e.n
+         RETURNING position",
+    )
+    .bind(&topics)
+    .bind(&keys)
+    .bind(&ops)
+    .bind(&kinds)
+    .bind(&ids)
+    .bind(&data)
+    .bind(&old)
+    .bind(now)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    let mut positions = positions;
+    // RETURNING gives rows in insertion order, which is `n` order; sorting is a safeguard
+    // that costs nothing for a few rows.
+    positions.sort_unstable();
+    Ok(events
+        .into_iter()
+        .zip(positions)
+        .map(|(e, position)| Event {
+            position,
+            topic: e.topic,
+            key: e.key,
+            op: e.op,
+            actor: e.actor,
+            time: now,
+            data: e.data,
+            old_data: e.old_data,
+            payload_omitted: false,
+        })
+        .collect())
+}
+
+/// Deletes every document of `collection` and appends a `delete` event for each.
+pub(crate) async fn drop_collection(
+    tx: &mut Transaction<'_, Postgres>,
+    now: DateTime<Utc>,
+    collection: &str,
+    actor: &Actor,
+) -> StoreResult<Vec<Event>> {
+    let rows = sqlx::query(&format!(
+        "WITH x AS (SELECT pg_current_xact_id() AS xid),
+              d AS (DELETE FROM documents WHERE collection = $1
+                    RETURNING id, data, version, created_at, updated_at)
+         INSERT INTO events (position, xid, topic, key, op, actor_type, actor_id, time, data, old_data)
+         SELECT nextval('events_position_seq'), x.xid, $2, d.id, 'delete', $3, $4, $5, NULL,
+                jsonb_build_object('id', d.id, 'data', d.data, 'version', d.version,
+                    'created_at', to_char(d.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+                    'updated_at', to_char(d.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'))
+         FROM x, d ORDER BY d.id
+         RETURNING {EVENT_COLUMNS}"
+    ))
+    .bind(collection)
+    .bind(crate::store::document_topic(collection))
+    .bind(actor.kind)
+    .bind(&actor.id)
+    .bind(now)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    let mut events = rows
+        .iter()
+        .map(event_from_row)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(map_err)?;
+    events.sort_by_key(|e| e.position);
+    Ok(events)
+}
+
+fn consumer_from_row(row: &PgRow) -> Result<ConsumerRow, sqlx::Error> {
+    Ok(ConsumerRow {
+        name: row.try_get(0)?,
+        position: row.try_get(1)?,
+        created_at: row.try_get(2)?,
+        updated_at: row.try_get(3)?,
+    })
+}
+
+#[async_trait]
+impl EventStore for PgStore {
+    fn set_commit_hook(&self, hook: CommitHook) {
+        self.hooks.set(hook);
+    }
+
+    async fn events_after(
+        &self,
+        after: i64,
+        upto: Option<i64>,
+        topic_prefix: Option<&str>,
+        limit: u32,
+    ) -> StoreResult<Vec<Event>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events
+             WHERE position > $1 AND ($2::bigint IS NULL OR position <= $2)
+               AND ($3::text IS NULL OR starts_with(topic, $3))
+             ORDER BY position LIMIT $4"
+        ))
+        .bind(after)
+        .bind(upto)
+        .bind(topic_prefix)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter()
+            .map(event_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(map_err)
+    }
+
+    async fn event_snapshot(&self, after: i64, limit: u32) -> StoreResult<EventSnapshot> {
+        // One statement, so the events and the list of transactions in progress come from
+        // the same snapshot.
+        let rows = sqlx::query(&format!(
+            "SELECT s.xip, e.* FROM
+               (SELECT COALESCE(array_agg(x::text), '{{}}') AS xip
+                FROM pg_snapshot_xip(pg_current_snapshot()) AS x) AS s
+             LEFT JOIN LATERAL
+               (SELECT {EVENT_COLUMNS} FROM events WHERE position > $1
+                ORDER BY position LIMIT $2) AS e ON true"
+        ))
+        .bind(after)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let mut snapshot = EventSnapshot::default();
+        for row in &rows {
+            if snapshot.in_progress.is_empty() {
+                let xip: Vec<String> = row.try_get(0).map_err(map_err)?;
+                snapshot.in_progress = xip.iter().filter_map(|x| x.parse().ok()).collect();
+            }
+            if row.try_get::<Option<i64>, _>(1).map_err(map_err)?.is_some() {
+                snapshot.events.push(event_from(row, 1).map_err(map_err)?);
+            }
+        }
+        Ok(snapshot)
+    }
+
+    async fn last_position(&self) -> StoreResult<i64> {
+        let (last, called): (i64, bool) =
+            sqlx::query_as("SELECT last_value, is_called FROM events_position_seq")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(map_err)?;
+        Ok(if called { last } else { last - 1 })
+    }
+
+    async fn pruned_through(&self) -> StoreResult<i64> {
+        let value: Option<String> = sqlx::query_scalar("SELECT value FROM meta WHERE key = $1")
+            .bind(PRUNED_THROUGH)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(value.and_then(|v| v.parse().ok()).unwrap_or(0))
+    }
+
+    async fn prune_events(
+        &self,
+        before: DateTime<Utc>,
+        keep_after: Option<i64>,
+    ) -> StoreResult<u64> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let max: Option<i64> = sqlx::query_scalar(
+            "SELECT MAX(position) FROM events
+             WHERE time < $1 AND ($2::bigint IS NULL OR position <= $2)",
+        )
+        .bind(before)
+        .bind(keep_after)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let Some(max) = max else { return Ok(0) };
+        // Everything up to the newest expired event goes, so the log never has a hole that a
+        // reader could mistake for continuity.
+        let done = sqlx::query("DELETE FROM events WHERE position <= $1")
+            .bind(max)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        sqlx::query(
+            "INSERT INTO meta (key, value) VALUES ($1, $2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value
+             WHERE excluded.value::bigint > meta.value::bigint",
+        )
+        .bind(PRUNED_THROUGH)
+        .bind(max.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn register_consumer(&self, name: &str, position: i64) -> StoreResult<ConsumerRow> {
+        sqlx::query(
+            "INSERT INTO consumers (name, position, created_at, updated_at)
+             VALUES ($1, $2, now(), now()) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(position)
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let row = sqlx::query(
+            "SELECT name, position, created_at, updated_at FROM consumers WHERE name = $1",
+        )
+        .bind(name)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_err)?;
+        consumer_from_row(&row).map_err(map_err)
+    }
+
+    async fn consumers(&self) -> StoreResult<Vec<ConsumerRow>> {
+        let rows = sqlx::query(
+            "SELECT name, position, created_at, updated_at FROM consumers ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter()
+            .map(consumer_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(map_err)
+    }
+
+    async fn advance_consumer(&self, name: &str, from: i64, to: i64) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE consumers SET position = $3, updated_at = now()
+             WHERE name = $1 AND position = $2",
+        )
+        .bind(name)
+        .bind(from)
+        .bind(to)
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn delete_consumer(&self, name: &str) -> StoreResult<bool> {
+        let done = sqlx::query("DELETE FROM consumers WHERE name = $1")
+            .bind(name)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn announce(&self) -> StoreResult<()> {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(CHANNEL)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn announcements(&self) -> StoreResult<Option<BoxStream<'static, ()>>> {
+        let mut listener = PgListener::connect_with(&self.pool)
+            .await
+            .map_err(map_err)?;
+        listener.listen(CHANNEL).await.map_err(map_err)?;
+        let stream = listener
+            .into_stream()
+            .take_while(|n| std::future::ready(n.is_ok()))
+            .map(|_| ());
+        Ok(Some(stream.boxed()))
+    }
+}
