@@ -113,8 +113,7 @@ fn depth_bound(source: &str, limit: usize) -> Result<usize, Refusal> {
             Kind::Comma => group.end_segment(),
             Kind::Operator | Kind::Unary | Kind::Dot => group.term_ops += 1,
         }
-        // The open groups stack: each one's bound so far, plus what is open inside it.
-        let depth: usize = groups.iter().map(Group::depth).sum();
+        let depth = open_depth(&groups);
         if depth > limit {
             return Err(Refusal {
                 at: token.start,
@@ -125,7 +124,17 @@ fn depth_bound(source: &str, limit: usize) -> Result<usize, Refusal> {
             });
         }
     }
-    Ok(groups.iter().map(Group::depth).sum())
+    Ok(open_depth(&groups))
+}
+
+/// The bound so far, as if every open group closed now: each one's content ends in the group
+/// open inside it.
+fn open_depth(groups: &[Group]) -> usize {
+    groups.iter().rev().fold(0, |inner, group| {
+        let mut closed = *group;
+        closed.term_child = closed.term_child.max(inner);
+        closed.depth()
+    })
 }
 
 /// 1-based line and column (in characters) of byte offset `at`.
@@ -141,6 +150,7 @@ pub(crate) fn position(source: &str, at: usize) -> (usize, usize) {
 }
 
 /// The depth bound of one bracketed group (or of the whole rule) while it is being read.
+#[derive(Clone, Copy)]
 struct Group {
     /// Levels the group adds around its content.
     cost: usize,
@@ -493,5 +503,322 @@ pub(crate) fn dismantle(expr: cel::IdedExpr) {
             Expr::Select(select) => stack.push(*select.operand),
             Expr::Unspecified | Expr::Ident(_) | Expr::Literal(_) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::rules::tests::{doc, now, read_input, user};
+    use crate::rules::{AuthInfo, NoLookup, Rule};
+
+    /// Families of rules that grow deep with `n`, as a hostile admin (or a leaked service key)
+    /// would write them.
+    /// A named way of writing a rule `n` levels deep.
+    type Family = (&'static str, fn(usize) -> String);
+
+    fn families() -> Vec<Family> {
+        vec![
+            ("nested parentheses", |n| {
+                format!("{}true{}", "(".repeat(n), ")".repeat(n))
+            }),
+            ("nested sums", |n| {
+                format!("{}1{} == 1", "(1 + ".repeat(n), ")".repeat(n))
+            }),
+            ("&& chain", |n| vec!["true"; n + 1].join(" && ")),
+            ("|| chain of && chains", |n| {
+                vec!["true && false"; n + 1].join(" || ")
+            }),
+            ("+ chain", |n| {
+                format!("{} == 1", vec!["1"; n + 1].join(" + "))
+            }),
+            ("! run", |n| format!("{}true", "!".repeat(n))),
+            ("- run", |n| format!("{}1 == 1", "-".repeat(n))),
+            ("alternating !- run", |n| {
+                format!("{}1 == 1", "!-".repeat(n))
+            }),
+            ("nested lists", |n| {
+                format!("size({}1{}) == 1", "[".repeat(n), "]".repeat(n))
+            }),
+            ("nested maps", |n| {
+                format!("size({}1{}) == 1", "{'a': ".repeat(n), "}".repeat(n))
+            }),
+            ("member chain", |n| {
+                format!("resource.data{} == 1", ".a".repeat(n))
+            }),
+            ("index chain", |n| {
+                format!("resource.data.tags{} == 1", "[0]".repeat(n))
+            }),
+            ("nested calls", |n| {
+                format!("{}'a'{} == 1", "size(".repeat(n), ")".repeat(n))
+            }),
+            ("nested macros", |n| {
+                let mut rule = "true".to_string();
+                for i in 0..n {
+                    rule = format!("[1].all(x{i}, {rule})");
+                }
+                rule
+            }),
+            ("ternary chain", |n| {
+                format!("{}true", "false ? true : ".repeat(n))
+            }),
+            ("comparison chain", |n| {
+                format!("1 < 2{}", " == true".repeat(n))
+            }),
+        ]
+    }
+
+    fn compiles(rule: &str) -> bool {
+        Rule::compile(rule).is_ok()
+    }
+
+    /// Chains of `&&`/`||` parse to balanced trees (depth log n): long ones are safe, and only
+    /// the length limit stops them.
+    const BALANCED: [&str; 2] = ["&& chain", "|| chain of && chains"];
+
+    #[test]
+    fn every_deep_family_is_refused_with_a_position_at_300_3000_and_100000() {
+        for (name, family) in families() {
+            for n in [300, 3000, 100_000] {
+                if BALANCED.contains(&name) && family(n).len() <= MAX_RULE_BYTES {
+                    Rule::compile(&family(n)).unwrap_or_else(|e| panic!("{name} × {n}: {e}"));
+                    continue;
+                }
+                let rule = family(n);
+                let err = Rule::compile(&rule).expect_err(name);
+                assert!(
+                    err.message.contains("nested")
+                        || err.message.contains("nests")
+                        || err.message.contains("bytes long"),
+                    "{name} × {n}: {err:?}"
+                );
+                assert!(err.line >= 1 && err.column >= 1, "{name}: {err:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn ordinary_depths_compile() {
+        for (name, family) in families() {
+            assert!(
+                compiles(&family(5)),
+                "{name} × 5: {:?}",
+                Rule::compile(&family(5))
+            );
+        }
+        // A long flat rule is balanced by the parser and stays shallow.
+        let clauses: Vec<String> = (0..300)
+            .map(|i| format!("resource.data.f{i} == auth.uid"))
+            .collect();
+        let rule = clauses.join(" || ");
+        assert!(rule.len() < MAX_RULE_BYTES);
+        Rule::compile(&rule).unwrap();
+    }
+
+    #[test]
+    fn the_length_limit_counts_bytes() {
+        let padding = "x".repeat(MAX_RULE_BYTES - "'' == 'x'".len());
+        let at_limit = format!("'{padding}' == 'x'");
+        assert_eq!(at_limit.len(), MAX_RULE_BYTES);
+        Rule::compile(&at_limit).unwrap();
+        let over = format!("'{padding}é' == 'x'");
+        let err = Rule::compile(&over).unwrap_err();
+        assert!(err.message.contains("bytes long"), "{err:?}");
+        let err = Rule::compile(&"a".repeat(1 << 20)).unwrap_err();
+        assert!(err.message.contains("bytes long"), "{err:?}");
+    }
+
+    #[test]
+    fn a_refusal_points_at_where_the_rule_gets_too_deep() {
+        let rule = format!("true &&\n  {}1{} == 1", "(".repeat(40), ")".repeat(40));
+        let err = Rule::compile(&rule).unwrap_err();
+        assert_eq!(err.line, 2, "{err:?}");
+        assert!(err.column > 3, "{err:?}");
+        assert!(err.message.contains(&MAX_NESTING.to_string()), "{err:?}");
+    }
+
+    #[test]
+    fn brackets_and_operators_inside_strings_and_comments_do_not_count() {
+        let brackets = "(".repeat(200);
+        for rule in [
+            format!("resource.data.a == '{brackets}'"),
+            format!("resource.data.a == \"{brackets}\""),
+            format!("resource.data.a == '''{brackets}'''"),
+            format!("resource.data.a == r'\\{brackets}'"),
+            format!("resource.data.a == b'{brackets}'"),
+            format!("resource.data.a == 'it\\'s {brackets}'"),
+            format!("// {brackets}\nresource.data.a == 1"),
+            format!("resource.data.a == '{}'", "!-".repeat(500)),
+        ] {
+            Rule::compile(&rule).unwrap_or_else(|e| panic!("{rule}: {e}"));
+        }
+    }
+
+    /// The pre-scan's estimate is an upper bound of the parsed depth, whatever the rule.
+    #[test]
+    fn the_estimate_bounds_the_parsed_depth() {
+        let mut corpus: Vec<String> = vec![
+            "auth != null && resource.data.owner == auth.uid",
+            "resource.data.public == true || (auth != null && resource.data.author == auth.uid)",
+            "a.b.c.d(e[f].g, {h: [i, -j]})",
+            "a ? b ? c : d : e ? f : g",
+            "!a.b.all(x, x.c.exists(y, y > -x.d[0] && !y.e.map(z, z * 2, z + 1).filter(w, w in [1, 2]).size() == 0))",
+            "a.exists_one(x, x) || has(a.b.c) && -a < b - -c * d % e / f",
+            "[a, b, [c, [d, [e]]]][0][1][1][1][0] == {'k': {'l': [m]}}.k.l[0]",
+            "!!!(!-!-a) && !(!(b)) || --c == d",
+            "a in b ? c in d : e in f",
+        ]
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+        for (_, family) in families() {
+            corpus.extend((0..12).map(family));
+        }
+        for source in corpus {
+            let Ok(expr) = cel::parser::PrattParser::new()
+                .max_recursion_depth(u16::MAX)
+                .parse(&source)
+            else {
+                continue;
+            };
+            let actual = ast_depth(&expr);
+            let bound =
+                depth_bound(&source, usize::MAX).unwrap_or_else(|r| panic!("{}", r.message));
+            assert!(actual <= bound, "{source}: parsed {actual} > bound {bound}");
+        }
+    }
+
+    /// Runs `f` on a thread with the stack of a tokio worker (the smallest any rule code runs
+    /// on); a stack overflow aborts the whole test binary, so passing means it fits.
+    fn on_a_worker_stack(f: impl FnOnce() + Send + 'static) {
+        std::thread::Builder::new()
+            .stack_size(2 * 1024 * 1024)
+            .spawn(f)
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    /// The deepest rule of each family that still compiles is compiled, evaluated and pushed
+    /// down on a 2 MiB stack (run in debug and release builds: debug frames are the larger).
+    #[test]
+    fn the_deepest_accepted_rules_run_on_a_worker_stack() {
+        on_a_worker_stack(|| {
+            for (name, family) in families() {
+                let mut n = 1;
+                while compiles(&family(n + 1)) {
+                    n += 1;
+                }
+                let rule = Rule::compile(&family(n)).unwrap();
+                let data = json!({"tags": [[[[1]]]], "a": {"a": {"a": 1}}});
+                for auth in [None, Some(user("u1"))] {
+                    let input = read_input(auth.clone(), doc("d1", data.clone()));
+                    rule.evaluate(&input, &NoLookup).unwrap();
+                    rule.pushdown(auth.as_ref(), now());
+                }
+                assert!(n >= 8, "{name}: only {n} levels compile");
+            }
+        });
+    }
+
+    fn nested_object(depth: usize) -> Json {
+        let mut value = json!(1);
+        for _ in 0..depth {
+            value = json!({ "a": value });
+        }
+        value
+    }
+
+    fn nested_array(depth: usize) -> Json {
+        let mut value = json!(1);
+        for _ in 0..depth {
+            value = json!([value]);
+        }
+        value
+    }
+
+    #[test]
+    fn deep_documents_and_claims_evaluate_on_a_worker_stack_or_deny() {
+        on_a_worker_stack(|| {
+            let rule = Rule::compile(
+                "resource.data == request.data && resource.data.a != auth.claims.a && size(resource.data) == 1",
+            )
+            .unwrap();
+            for make in [nested_object, nested_array] {
+                // The document wrapper adds one level to `data`.
+                let fits = make(MAX_VALUE_DEPTH - 1);
+                let too_deep = make(MAX_VALUE_DEPTH + 1);
+                let input = |data: &Json, claims: &Json| {
+                    let mut input = read_input(
+                        Some(AuthInfo {
+                            claims: claims.clone(),
+                            ..user("u1")
+                        }),
+                        doc("d1", data.clone()),
+                    );
+                    input.request.data = Some(data.clone());
+                    input
+                };
+                let claims = json!({"a": nested_object(MAX_VALUE_DEPTH - 1)});
+                // Evaluated (both sides compared level by level): no overflow.
+                rule.evaluate(&input(&fits, &claims), &NoLookup).unwrap();
+                assert!(!rule
+                    .evaluate(&input(&too_deep, &claims), &NoLookup)
+                    .unwrap());
+                let deep_claims = json!({"a": nested_object(MAX_VALUE_DEPTH + 1)});
+                assert!(!rule
+                    .evaluate(&input(&fits, &deep_claims), &NoLookup)
+                    .unwrap());
+                let deep_caller = AuthInfo {
+                    claims: deep_claims,
+                    ..user("u1")
+                };
+                // Evaluation denies such a caller everything; so does the query plan.
+                assert_eq!(
+                    Rule::compile("true || auth.uid == 'u1'")
+                        .unwrap()
+                        .pushdown(Some(&deep_caller), now()),
+                    crate::rules::Pushdown::Deny
+                );
+                assert_eq!(
+                    Rule::compile("auth.uid == 'u1'")
+                        .unwrap()
+                        .pushdown(Some(&deep_caller), now()),
+                    crate::rules::Pushdown::Deny
+                );
+            }
+        });
+    }
+
+    #[test]
+    fn a_fetched_document_too_deep_to_read_still_exists() {
+        let mut fetched = crate::rules::Fetched::new();
+        fetched.insert(
+            ("c".to_string(), "deep".to_string()),
+            Some(doc("deep", nested_object(MAX_VALUE_DEPTH + 1))),
+        );
+        let input = read_input(None, doc("d1", json!({})));
+        let decided = |source: &str| {
+            Rule::compile(source)
+                .unwrap()
+                .evaluate_with(&input, &fetched)
+        };
+        use crate::rules::Evaluation::Decided;
+        assert_eq!(decided("exists('c', 'deep')"), Ok(Decided(true)));
+        assert_eq!(decided("get('c', 'deep') != null"), Ok(Decided(false)));
+        assert_eq!(decided("!(get('c', 'deep') != null)"), Ok(Decided(false)));
+    }
+
+    #[test]
+    fn dismantling_frees_a_tree_too_deep_to_drop_recursively() {
+        let source = format!("{} == 1", vec!["1"; 200_000].join("+"));
+        let expr = cel::parser::PrattParser::new()
+            .max_recursion_depth(u16::MAX)
+            .parse(&source)
+            .unwrap();
+        assert!(ast_depth(&expr) > 100_000);
+        on_a_worker_stack(move || dismantle(expr));
     }
 }
