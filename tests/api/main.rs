@@ -8,3 +8,4 @@ mod cli;
 mod documents;
 mod ops;
 mod rules;
+mod security_rules;
