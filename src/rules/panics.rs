@@ -56,3 +56,19 @@ pub(crate) fn catch_quietly<R>(f: impl FnOnce() -> R) -> Result<R, String> {
             .unwrap_or_else(|| "unknown panic".to_string())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_caught_panic_is_returned_with_its_message_and_place() {
+        let caught = catch_quietly(|| -> u8 { panic!("rule boom {}", 7) });
+        let message = caught.unwrap_err();
+        assert!(message.starts_with("rule boom 7 at "), "{message}");
+        assert!(message.contains("panics.rs"), "{message}");
+        assert_eq!(catch_quietly(|| 5), Ok(5));
+        // The flag is reset: the thread is not left quiet.
+        assert!(!QUIET.with(Cell::get));
+    }
+}
