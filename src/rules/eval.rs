@@ -1,13 +1,11 @@
-//! Evaluation: the boolean skeleton of a rule (`&&`, `||`, `!`, `?:`, `in`) is evaluated
-//! here with CEL-specification semantics, everything below it by `cel_interpreter`.
+//! Evaluation: the `cel` interpreter with `get()`/`exists()` served from a per-evaluation
+//! cache, and its panics turned into errors.
 //!
-//! Why not hand the whole expression to the interpreter: cel-interpreter 0.10 treats `&&`/`||`
-//! operands by truthiness (`"x" && true` is `true`) and propagates an error from the left
-//! operand even when the right one decides (`missing.field == 1 || true` is an error). The
-//! specification makes `&&`/`||` commutative over errors and requires bools, which is what
-//! rule authors from Firebase expect and what pushdown (`pushdown.rs`) models exactly. The
-//! interpreter's `in` also accepts a string on the right (substring); the specification does
-//! not, and no query operator matches it, so the skeleton's `in` refuses it.
+//! cel-interpreter 0.10 needed a hand-written evaluator for the boolean skeleton of a rule
+//! (`&&`, `||`, `!`, `?:`, `in`): it treated operands by truthiness, let a left error win over
+//! a deciding right side, and read `in` on a string as a substring test. The `cel` crate
+//! follows the specification on all of these, so the whole expression is now its to evaluate;
+//! `conformance.rs` pins that behaviour for future upgrades.
 //!
 //! `get()`/`exists()` read other documents, but interpreter functions must be `'static` and
 //! synchronous. So the registered functions only read a per-evaluation cache; a miss records
@@ -17,22 +15,25 @@
 //! `error && false` is false whatever the error stood for.
 
 use std::collections::HashMap;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
 
-use cel_interpreter::objects::Key;
-use cel_interpreter::{Context, ExecutionError, Value};
-use cel_parser::ast::{operators, Expr, IdedExpr};
+use cel::common::ast::IdedExpr;
+use cel::{Context, ExecutionError, Value};
 
-use super::value::document_to_cel;
+use super::panics::catch_quietly;
+use super::value::fetched_to_cel;
 
 const MISS: &str = "document not loaded yet";
 
 type DocKey = (String, String);
 
+/// A fetched document as rules see it: `Err` when it is nested too deeply to convert, so a
+/// `get()` of it fails (and denies) while `exists()` still answers.
+type CachedDoc = Option<Result<Value, ()>>;
+
 #[derive(Default)]
 pub(crate) struct LookupCache {
-    docs: HashMap<DocKey, Option<Value>>,
+    docs: HashMap<DocKey, CachedDoc>,
     misses: Vec<DocKey>,
 }
 
@@ -41,7 +42,7 @@ impl LookupCache {
         LookupCache {
             docs: fetched
                 .iter()
-                .map(|(key, doc)| (key.clone(), doc.as_ref().map(document_to_cel)))
+                .map(|(key, doc)| (key.clone(), doc.as_ref().map(fetched_to_cel)))
                 .collect(),
             misses: Vec::new(),
         }
@@ -52,7 +53,7 @@ fn cached(
     cache: &Mutex<LookupCache>,
     function: &str,
     key: DocKey,
-) -> Result<Option<Value>, ExecutionError> {
+) -> Result<CachedDoc, ExecutionError> {
     let mut cache = cache
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -69,12 +70,12 @@ thread_local! {
     /// The lookup cache of the evaluation running on this thread, read by `get`/`exists`.
     static CURRENT_CACHE: std::cell::RefCell<Option<Arc<Mutex<LookupCache>>>> =
         const { std::cell::RefCell::new(None) };
-    /// The interpreter's builtins plus `get` and `exists`, built once per thread: building the
-    /// function registry cost more than evaluating a typical rule.
-    static ROOT: Context<'static> = root_context();
+    /// The standard library plus `get` and `exists`, built once per thread: building the
+    /// function registry costs more than evaluating a typical rule.
+    static ROOT: Context<'static, 'static> = root_context();
 }
 
-fn current_cache(function: &str, key: DocKey) -> Result<Option<Value>, ExecutionError> {
+fn current_cache(function: &str, key: DocKey) -> Result<CachedDoc, ExecutionError> {
     CURRENT_CACHE.with(|c| match c.borrow().as_ref() {
         Some(cache) => cached(cache, function, key),
         None => Err(ExecutionError::function_error(
@@ -84,22 +85,35 @@ fn current_cache(function: &str, key: DocKey) -> Result<Option<Value>, Execution
     })
 }
 
-fn root_context() -> Context<'static> {
+fn root_context() -> Context<'static, 'static> {
     let mut ctx = Context::default();
-    ctx.add_function(
+    let get = ctx.add_function(
         "get",
         |collection: Arc<String>, id: Arc<String>| -> Result<Value, ExecutionError> {
-            let doc = current_cache("get", (collection.to_string(), id.to_string()))?;
-            Ok(doc.unwrap_or(Value::Null))
+            match current_cache("get", (collection.to_string(), id.to_string()))? {
+                None => Ok(Value::Null),
+                Some(Ok(doc)) => Ok(doc),
+                Some(Err(())) => Err(ExecutionError::function_error(
+                    "get",
+                    "document nested too deeply",
+                )),
+            }
         },
     );
-    ctx.add_function(
+    let exists = ctx.add_function(
         "exists",
         |collection: Arc<String>, id: Arc<String>| -> Result<Value, ExecutionError> {
             let doc = current_cache("exists", (collection.to_string(), id.to_string()))?;
             Ok(Value::Bool(doc.is_some()))
         },
     );
+    // Only a standard-library overload of the same name could refuse them (a unit test pins
+    // that none exists); rules using them would then fail, hence deny.
+    for (name, added) in [("get", get), ("exists", exists)] {
+        if let Err(error) = added {
+            tracing::error!(function = name, %error, "rule function not registered");
+        }
+    }
     ctx
 }
 
@@ -107,7 +121,7 @@ fn root_context() -> Context<'static> {
 /// variables `f` adds.
 pub(crate) fn with_context<R>(
     cache: Arc<Mutex<LookupCache>>,
-    f: impl FnOnce(&mut Context<'_>) -> R,
+    f: impl FnOnce(&mut Context<'_, 'static>) -> R,
 ) -> R {
     CURRENT_CACHE.with(|c| *c.borrow_mut() = Some(cache));
     let result = ROOT.with(|root| {
@@ -137,79 +151,11 @@ pub(crate) fn evaluate_once(
     (result, misses)
 }
 
-/// Evaluates `expr`; the skeleton operators follow the CEL specification (see module docs).
+/// The interpreter, with a panic (none is known in this version; 0.10 had `todo!()`s) turned
+/// into an error so a hostile document cannot take the request down or flood the logs.
 pub(crate) fn eval(expr: &IdedExpr, ctx: &Context) -> Result<Value, ExecutionError> {
-    if let Expr::Call(call) = &expr.expr {
-        if call.target.is_none() {
-            match (call.func_name.as_str(), call.args.as_slice()) {
-                (operators::LOGICAL_AND, [a, b]) => return logical(a, b, ctx, false),
-                (operators::LOGICAL_OR, [a, b]) => return logical(a, b, ctx, true),
-                (operators::LOGICAL_NOT, [a]) => return eval_bool(a, ctx).map(|b| Value::Bool(!b)),
-                (operators::CONDITIONAL, [cond, then, otherwise]) => {
-                    return if eval_bool(cond, ctx)? {
-                        eval(then, ctx)
-                    } else {
-                        eval(otherwise, ctx)
-                    };
-                }
-                (operators::IN, [item, container]) => {
-                    let item = resolve(item, ctx)?;
-                    let container = resolve(container, ctx)?;
-                    return membership(item, container).map(Value::Bool);
-                }
-                _ => {}
-            }
-        }
-    }
-    resolve(expr, ctx)
-}
-
-pub(crate) fn eval_bool(expr: &IdedExpr, ctx: &Context) -> Result<bool, ExecutionError> {
-    match eval(expr, ctx)? {
-        Value::Bool(b) => Ok(b),
-        other => Err(ExecutionError::UnexpectedType {
-            got: format!("{:?}", other.type_of()),
-            want: "bool".to_string(),
-        }),
-    }
-}
-
-/// `&&` (`decisive` = false) or `||` (`decisive` = true): the first operand equal to
-/// `decisive` decides; otherwise an error from either side wins.
-fn logical(
-    a: &IdedExpr,
-    b: &IdedExpr,
-    ctx: &Context,
-    decisive: bool,
-) -> Result<Value, ExecutionError> {
-    let left = eval_bool(a, ctx);
-    if left == Ok(decisive) {
-        return Ok(Value::Bool(decisive));
-    }
-    let right = eval_bool(b, ctx);
-    if right == Ok(decisive) {
-        return Ok(Value::Bool(decisive));
-    }
-    left?;
-    right.map(Value::Bool)
-}
-
-/// CEL `in`: list membership by CEL equality, or map key presence.
-pub(crate) fn membership(item: Value, container: Value) -> Result<bool, ExecutionError> {
-    match container {
-        Value::List(items) => Ok(items.contains(&item)),
-        Value::Map(map) => {
-            let key: Result<Key, _> = item.try_into();
-            Ok(key.map(|key| map.map.contains_key(&key)).unwrap_or(false))
-        }
-        other => Err(ExecutionError::ValuesNotComparable(item, other)),
-    }
-}
-
-/// The interpreter, with its panics (it has `todo!()`s, e.g. `exists()` over a string)
-/// turned into errors so a hostile document cannot take the request down.
-pub(crate) fn resolve(expr: &IdedExpr, ctx: &Context) -> Result<Value, ExecutionError> {
-    catch_unwind(AssertUnwindSafe(|| Value::resolve(expr, ctx))).unwrap_or_else(|_| {
+    catch_quietly(|| Value::resolve(expr, ctx)).unwrap_or_else(|panic| {
+        tracing::warn!(panic, "the CEL interpreter failed on a rule: deny");
         Err(ExecutionError::function_error(
             "rule",
             "expression not supported by the interpreter",

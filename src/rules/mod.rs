@@ -8,10 +8,10 @@
 //! to clone and share across threads) and decides that a missing rule denies.
 //!
 //! # API
-//! - [`Rule::compile`]`(source) -> Result<Rule, RuleCompileError>`: parse and check that only
-//!   `auth`, `resource`, `request`, `get(collection, id)`, `exists(collection, id)` and the
-//!   interpreter's builtins are used. Errors carry a 1-based `line` and `column`. An empty rule
-//!   is an error, never "allow".
+//! - [`Rule::compile`]`(source) -> Result<Rule, RuleCompileError>`: bound the rule's size and
+//!   depth ([`limits`]), parse, and check that only `auth`, `resource`, `request`,
+//!   `get(collection, id)`, `exists(collection, id)` and the listed builtins are used. Errors
+//!   carry a 1-based `line` and `column`. An empty rule is an error, never "allow".
 //! - [`Rule::evaluate`]`(&input, &lookup) -> Result<bool, RuleEvalError>`: `Ok(true)` only when
 //!   the rule yields the bool `true`. A CEL runtime error (`auth.uid` with `auth == null`, a
 //!   missing field, mixed-type ordering, …) or a non-bool result is `Ok(false)`: that is a
@@ -22,12 +22,15 @@
 //! - [`Rule::pushdown`]`(auth, now) -> Pushdown`: see [`Pushdown`].
 //!
 //! # Semantics
-//! `&&`, `||`, `!`, `?:` and `in` at the top of a rule follow the CEL specification: `&&` and
-//! `||` need bools and are commutative over errors, so `resource.data.public == true ||
-//! resource.data.owner == auth.uid` admits a document that has no `public` field. Below them
-//! (comparisons, macros, functions) cel-interpreter 0.10 decides. `resource.created_at` and
-//! `resource.updated_at` are CEL timestamps (compare with `request.time`); `request.time` is the
-//! request's time; JSON integers are `int`, other numbers `double`, and `1 == 1.0` is true.
+//! The `cel` crate evaluates the whole expression, and it follows the CEL specification where
+//! rules depend on it (`conformance.rs` pins each point, so an upgrade that breaks one fails
+//! the tests): `&&` and `||` need bools and are commutative over errors, so
+//! `resource.data.public == true || resource.data.owner == auth.uid` admits a document that
+//! has no `public` field; `!` and `?:` need bools; `in` is list membership or a map key test,
+//! never a substring test; even runs of `!` or unary `-` cancel (`!!false` is `false`); a
+//! missing key is an error whatever its name. `resource.created_at` and
+//! `resource.updated_at` are CEL timestamps (compare with `request.time`); `request.time` is
+//! the request's time; JSON integers are `int`, other numbers `double`, and `1 == 1.0` is true.
 //!
 //! # Filter assumptions
 //! A [`Pushdown::Filter`] is in the public `where` syntax (API.md § Documents) and is exactly
@@ -39,7 +42,11 @@
 //! strings compared as times.
 
 mod check;
+#[cfg(test)]
+mod conformance;
 mod eval;
+pub mod limits;
+mod panics;
 mod pushdown;
 mod value;
 
@@ -47,11 +54,13 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-use cel_interpreter::Value;
-use cel_parser::ast::IdedExpr;
+use cel::common::ast::{Expr, IdedExpr, LiteralValue};
+use cel::parser::PrattParser;
+use cel::Value;
 use chrono::{DateTime, Utc};
 use serde_json::Value as Json;
 
+pub use limits::{MAX_DEPTH, MAX_NESTING, MAX_RULE_BYTES, MAX_VALUE_DEPTH};
 pub use pushdown::Pushdown;
 
 /// How many distinct documents `get()`/`exists()` may read in one evaluation. Bounds the cost
@@ -187,7 +196,7 @@ impl Rule {
     /// building an activation (the common public-read case).
     pub fn constant(&self) -> Option<bool> {
         match &self.inner.expr.expr {
-            cel_parser::ast::Expr::Literal(cel_parser::reference::Val::Boolean(b)) => Some(*b),
+            Expr::Literal(LiteralValue::Boolean(b)) => Some(*b.inner()),
             _ => None,
         }
     }
@@ -205,6 +214,10 @@ impl Rule {
         input: &RuleInput,
         fetched: &Fetched,
     ) -> Result<Evaluation, RuleEvalError> {
+        if let Some(too_deep) = value::too_deep(input) {
+            tracing::warn!(rule = %self.inner.source, value = too_deep, limit = MAX_VALUE_DEPTH, "rule input nested too deeply: deny");
+            return Ok(Evaluation::Decided(false));
+        }
         let cache = Arc::new(Mutex::new(eval::LookupCache::with_documents(fetched)));
         let (outcome, misses) = eval::with_context(cache.clone(), |ctx| {
             ctx.add_variable_from_value("auth", value::auth_to_cel(input.auth.as_ref()));
@@ -269,31 +282,67 @@ impl Rule {
     }
 }
 
-/// cel-parser 0.10 panics (an `unreachable!` in antlr4rust) on some incomplete input such as
-/// `a == `; that is a syntax error at the end of the text, not a crash.
+/// Parses with cel's hand-written Pratt parser rather than its default ANTLR one: both read
+/// `!!false` right now, but the Pratt parser reports errors at the right position, counts its
+/// own recursion, and is a fraction of the code. Neither is trusted with unbounded input:
+/// [`limits::prescan`] bounds the text first, and a panic (none is known) is a syntax error,
+/// logged once, never printed with a backtrace.
 fn parse(source: &str) -> Result<IdedExpr, RuleCompileError> {
-    let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        cel_parser::Parser::new()
+    limits::prescan(source)?;
+    let parsed = panics::catch_quietly(|| {
+        PrattParser::new()
+            .max_recursion_depth(PARSER_RECURSION_LIMIT)
             .parse(source)
-            .map_err(|errors| match errors.errors.first() {
-                Some(first) => RuleCompileError::new(
-                    first.msg.clone(),
-                    usize::try_from(first.pos.0).unwrap_or(1),
-                    usize::try_from(first.pos.1).unwrap_or(1),
-                ),
+    });
+    let expr = match parsed {
+        Ok(Ok(expr)) => expr,
+        Ok(Err(errors)) => {
+            return Err(match errors.errors.first() {
+                Some(first) => {
+                    let (line, column) = char_position(source, first.pos);
+                    RuleCompileError::new(first.msg.clone(), line, column)
+                }
                 None => RuleCompileError::new("syntax error", 1, 1),
             })
-    }));
-    parsed.unwrap_or_else(|_| {
-        let text = source.trim_end();
-        let line = text.matches('\n').count() + 1;
-        let column = text.rsplit('\n').next().unwrap_or("").chars().count() + 1;
-        Err(RuleCompileError::new(
-            "syntax error: the expression is incomplete",
-            line,
-            column,
-        ))
-    })
+        }
+        Err(panic) => {
+            tracing::warn!(rule = source, panic, "the CEL parser failed on a rule");
+            return Err(RuleCompileError::new(
+                "syntax error: the rule could not be parsed",
+                1,
+                1,
+            ));
+        }
+    };
+    // The pre-scan's bound holds by construction; this re-check keeps every recursive walk
+    // safe even if it did not, without recursing itself.
+    let depth = limits::ast_depth(&expr);
+    if depth > MAX_DEPTH {
+        limits::dismantle(expr);
+        return Err(RuleCompileError::new(
+            format!("rule is nested too deeply ({depth} levels; the limit is {MAX_DEPTH})"),
+            1,
+            1,
+        ));
+    }
+    Ok(expr)
+}
+
+/// Brackets nest at most [`MAX_NESTING`] deep once the pre-scan passed, and the parser counts
+/// about one level per bracket; its own limit is a second line that should never be reached.
+const PARSER_RECURSION_LIMIT: u16 = 2 * MAX_NESTING as u16;
+
+/// The parser's 1-based (line, byte column) as (line, character column); `(0, 0)` (no
+/// position) becomes `(1, 1)`.
+fn char_position(source: &str, (line, column): (isize, isize)) -> (usize, usize) {
+    let line = usize::try_from(line).unwrap_or(0).max(1);
+    let column = usize::try_from(column).unwrap_or(0).max(1);
+    let text = source.split('\n').nth(line - 1).unwrap_or("");
+    let mut byte = (column - 1).min(text.len());
+    while !text.is_char_boundary(byte) {
+        byte -= 1;
+    }
+    (line, text[..byte].chars().count() + 1)
 }
 
 #[cfg(test)]

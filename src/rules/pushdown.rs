@@ -8,15 +8,17 @@
 //! bound (a superset), so a rule with a part we cannot express still yields a pre-filter
 //! ([`Pushdown::Partial`]) that is safe: it only drops documents the rule would deny.
 
-use cel_interpreter::{Context, Value};
-use cel_parser::ast::{operators, Expr, IdedExpr};
+use cel::common::ast::{operators, Expr, IdedExpr};
+use cel::{Context, Value};
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value as Json};
 use std::sync::{Arc, Mutex};
 
-use super::check::{refs, FUNCTIONS};
-use super::eval::{eval, resolve, with_context, LookupCache};
-use super::value::{auth_to_cel, request_time_only, scalar_to_json, timestamp_to_json};
+use super::check::refs;
+use super::eval::{eval, with_context, LookupCache};
+use super::value::{
+    auth_to_cel, auth_too_deep, request_time_only, scalar_to_json, timestamp_to_json,
+};
 use super::AuthInfo;
 
 /// What a `read` rule means for a query by one caller.
@@ -36,6 +38,10 @@ pub enum Pushdown {
 }
 
 pub(crate) fn pushdown(expr: &IdedExpr, auth: Option<&AuthInfo>, now: DateTime<Utc>) -> Pushdown {
+    // Evaluation denies such a caller every document; so does the query.
+    if auth_too_deep(auth) {
+        return Pushdown::Deny;
+    }
     let sets = with_context(Arc::new(Mutex::new(LookupCache::default())), |ctx| {
         ctx.add_variable_from_value("auth", auth_to_cel(auth));
         ctx.add_variable_from_value("request", request_time_only(now));
@@ -292,8 +298,9 @@ enum Field {
 }
 
 /// Recognises `resource.id`, `resource.created_at`, `resource.updated_at` and
-/// `resource.data.a.b`. A segment named like a function is refused: for a missing key,
-/// cel-interpreter returns the function instead of failing, which no filter can mirror.
+/// `resource.data.a.b`. (cel-interpreter 0.10 turned a missing key named like a function,
+/// `resource.data.size`, into that function; `cel` fails on it like on any missing key, so
+/// such fields push down too.)
 fn field_path(expr: &IdedExpr) -> Option<Field> {
     let mut segments = Vec::new();
     let mut at = expr;
@@ -319,7 +326,7 @@ fn field_path(expr: &IdedExpr) -> Option<Field> {
 }
 
 fn segment_ok(segment: &str) -> bool {
-    !segment.is_empty() && !segment.starts_with('$') && !FUNCTIONS.contains(&segment)
+    !segment.is_empty() && !segment.starts_with('$')
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -382,7 +389,7 @@ fn compare_op(name: &str) -> Option<Cmp> {
 fn known(expr: &IdedExpr, ctx: &Context) -> Option<Result<Value, ()>> {
     refs(expr)
         .foldable()
-        .then(|| resolve(expr, ctx).map_err(|_| ()))
+        .then(|| eval(expr, ctx).map_err(|_| ()))
 }
 
 fn comparison(op: Cmp, l: &IdedExpr, r: &IdedExpr, ctx: &Context) -> Sets {

@@ -6,11 +6,11 @@ use serde_json::{json, Value as Json};
 
 use super::*;
 
-fn now() -> DateTime<Utc> {
+pub(super) fn now() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2025, 1, 1, 12, 0, 0).unwrap()
 }
 
-fn user(uid: &str) -> AuthInfo {
+pub(super) fn user(uid: &str) -> AuthInfo {
     AuthInfo {
         uid: uid.to_string(),
         role: "authenticated".to_string(),
@@ -28,7 +28,7 @@ fn moderator(uid: &str) -> AuthInfo {
     }
 }
 
-fn doc(id: &str, data: Json) -> Json {
+pub(super) fn doc(id: &str, data: Json) -> Json {
     json!({
         "id": id,
         "data": data,
@@ -38,7 +38,7 @@ fn doc(id: &str, data: Json) -> Json {
     })
 }
 
-fn read_input(auth: Option<AuthInfo>, resource: Json) -> RuleInput {
+pub(super) fn read_input(auth: Option<AuthInfo>, resource: Json) -> RuleInput {
     RuleInput {
         auth,
         resource: Some(resource),
@@ -519,22 +519,25 @@ fn pushdown_or_with_an_unexpressible_side_never_narrows() {
 }
 
 #[test]
-fn pushdown_refuses_fields_named_like_functions() {
-    // cel-interpreter turns a missing `size` key into the `size` function, not an error.
-    assert_eq!(
-        pushdown("resource.data.size != 3", None),
-        Pushdown::Residual
-    );
+fn pushdown_treats_fields_named_like_functions_as_fields() {
+    // cel-interpreter 0.10 turned a missing `size` key into the `size` function; `cel` fails
+    // on it like on any missing key, so the field is an ordinary filter.
     assert_eq!(
         pushdown("resource.data.size == 3", None),
-        Pushdown::Residual
+        Pushdown::Filter(json!([["size", "==", 3]]))
+    );
+    assert_eq!(
+        pushdown("resource.data.size != 3", None),
+        Pushdown::Partial {
+            filter: json!([["size", "exists", true]])
+        }
     );
 }
 
 // ---- pushdown is equivalent to evaluation --------------------------------------------------
 
 /// The query engine's documented semantics, as `Pushdown::Filter` assumes them.
-fn matches(filter: &Json, document: &Json) -> bool {
+pub(super) fn matches(filter: &Json, document: &Json) -> bool {
     match filter {
         Json::Array(items) if items.first().is_some_and(Json::is_string) => clause(items, document),
         Json::Array(items) => items.iter().all(|f| matches(f, document)),
@@ -612,6 +615,8 @@ fn pushdown_filters_admit_exactly_what_evaluation_admits() {
         json!({"public": null, "n": 2.5, "tags": [], "a": {"b": "k"}}),
         json!({"owner": null, "n": -1, "tags": [7, "b"], "a": {"b": 3}, "archived": false}),
         json!({"owner": 1, "n": 10, "a": "flat", "archived": true, "members": {"u1": "admin"}}),
+        json!({"size": 3, "contains": "x", "owner": "u1"}),
+        json!({"size": "3"}),
         json!({}),
     ]
     .into_iter()
@@ -640,6 +645,8 @@ fn pushdown_filters_admit_exactly_what_evaluation_admits() {
         "resource.data.owner == auth.uid || auth.claims.role == 'moderator'",
         "!(resource.data.owner == auth.uid)",
         "resource.data.owner != auth.uid",
+        "resource.data.size == 3 || resource.data.contains == 'x'",
+        "!(resource.data.size >= 3)",
     ];
     let callers = [None, Some(user("u1")), Some(moderator("u2"))];
     for rule_source in rules {

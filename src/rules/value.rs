@@ -1,21 +1,63 @@
 //! JSON ↔ CEL value conversion and the `auth` / `resource` / `request` activation.
 //!
-//! We convert by hand rather than through `cel_interpreter::to_value` because serde hands
-//! positive JSON integers over as `u64`, which would make them CEL `uint`s; rules compare
-//! against `int` literals, so integers must become `Int`.
+//! We convert by hand rather than through `cel::to_value` because serde hands positive JSON
+//! integers over as `u64`, which would make them CEL `uint`s; rules compare against `int`
+//! literals, so integers must become `Int`.
+//!
+//! The conversion recurses, and so does the interpreter over the values it gets (conversion
+//! to its own representation, equality, dropping): every entry point checks the input's
+//! depth against [`MAX_VALUE_DEPTH`] first ([`too_deep`], [`auth_too_deep`], the lookup
+//! cache), so no recursion here or there goes deeper.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use cel_interpreter::objects::{Key, Map};
-use cel_interpreter::Value;
+use cel::objects::{Key, Map};
+use cel::Value;
 use chrono::{DateTime, FixedOffset, SecondsFormat, Utc};
 use serde_json::Value as Json;
 
-use super::{AuthInfo, RequestInfo};
+use super::limits::{json_depth, MAX_VALUE_DEPTH};
+use super::{AuthInfo, RequestInfo, RuleInput};
+
+/// Which part of `input`, if any, is nested deeper than [`MAX_VALUE_DEPTH`].
+pub(crate) fn too_deep(input: &RuleInput) -> Option<&'static str> {
+    if auth_too_deep(input.auth.as_ref()) {
+        return Some("auth.claims");
+    }
+    if input
+        .resource
+        .as_ref()
+        .is_some_and(|r| json_depth(r) > MAX_VALUE_DEPTH)
+    {
+        return Some("resource");
+    }
+    if input
+        .request
+        .data
+        .as_ref()
+        .is_some_and(|d| json_depth(d) > MAX_VALUE_DEPTH)
+    {
+        return Some("request.data");
+    }
+    None
+}
+
+/// Whether the caller's custom claims are nested deeper than [`MAX_VALUE_DEPTH`].
+pub(crate) fn auth_too_deep(auth: Option<&AuthInfo>) -> bool {
+    auth.is_some_and(|a| json_depth(&a.claims) > MAX_VALUE_DEPTH)
+}
+
+/// A fetched document for `get()`, or `Err` when it is nested too deeply to convert.
+pub(crate) fn fetched_to_cel(doc: &Json) -> Result<Value, ()> {
+    if json_depth(doc) > MAX_VALUE_DEPTH {
+        return Err(());
+    }
+    Ok(document_to_cel(doc))
+}
 
 /// Faithful conversion: objects → maps, arrays → lists, integers → `Int` (`UInt` only above
-/// `i64::MAX`), other numbers → `Float`, null → `Null`.
+/// `i64::MAX`), other numbers → `Float`, null → `Null`. Callers bound the depth first.
 pub(crate) fn json_to_cel(json: &Json) -> Value {
     match json {
         Json::Null => Value::Null,

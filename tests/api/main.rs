@@ -11,3 +11,4 @@ mod rules;
 mod security_auth;
 mod security_documents;
 mod security_http;
+mod security_rules;

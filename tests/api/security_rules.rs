@@ -1,0 +1,458 @@
+//! Hostile rules (security issue items 5 and 6): rules deep or long enough to overflow a
+//! stack, rules the old parser misread (`!!false` allowed everything), and rules that made the
+//! parser print a panic. An admin or a leaked service key can write any of them; none may take
+//! the server down, fail open, or flood its logs.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::documents::admin_collection;
+use crate::helpers::{postgres_url, spawn_app, Backend, Reply, TestApp};
+use crate::store_tests;
+
+store_tests!(
+    deep_and_long_rules_are_refused_with_their_position_and_the_server_keeps_answering,
+    a_long_and_chain_is_a_working_rule,
+    a_double_negated_false_read_rule_lets_no_one_read,
+    double_negation_keeps_its_meaning_in_reads_queries_and_writes,
+    bad_rules_leave_no_panic_on_stderr,
+);
+
+/// Ways of writing a rule `n` levels deep, as a hostile admin would.
+fn deep_rules(n: usize) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "nested parentheses",
+            format!("{}true{}", "(".repeat(n), ")".repeat(n)),
+        ),
+        (
+            "nested sums",
+            format!("{}1{} == 1", "(1 + ".repeat(n), ")".repeat(n)),
+        ),
+        ("+ chain", format!("{} == 1", vec!["1"; n + 1].join(" + "))),
+        ("! run", format!("{}true", "!".repeat(n))),
+        ("- run", format!("{}1 == 1", "-".repeat(n))),
+        ("!- run", format!("{}1 == 1", "!-".repeat(n))),
+        (
+            "nested lists",
+            format!("size({}1{}) == 1", "[".repeat(n), "]".repeat(n)),
+        ),
+        (
+            "nested maps",
+            format!("size({}1{}) == 1", "{'a': ".repeat(n), "}".repeat(n)),
+        ),
+        (
+            "member chain",
+            format!("resource.data{} == 1", ".a".repeat(n)),
+        ),
+        (
+            "index chain",
+            format!("resource.data.a{} == 1", "[0]".repeat(n)),
+        ),
+        (
+            "nested calls",
+            format!("{}'a'{} == 1", "size(".repeat(n), ")".repeat(n)),
+        ),
+        (
+            "ternary chain",
+            format!("{}true", "false ? true : ".repeat(n)),
+        ),
+    ]
+}
+
+/// `http.body_limit`'s default.
+const BODY_LIMIT: usize = 1024 * 1024;
+
+async fn put_rules(app: &TestApp, admin: &str, name: &str, rules: Value) -> Reply {
+    app.send(
+        Method::PUT,
+        &format!("/v1/admin/collections/{name}"),
+        Some(admin),
+        Some(json!({ "rules": rules })),
+    )
+    .await
+}
+
+fn assert_refused(reply: &Reply, what: &str) {
+    reply.assert_error(400, "invalid_argument");
+    let details = &reply.body["error"]["details"];
+    assert_eq!(details["rule"], "read", "{what}: {}", reply.text);
+    assert!(
+        details["line"].as_u64().is_some_and(|l| l >= 1)
+            && details["column"].as_u64().is_some_and(|c| c >= 1),
+        "{what}: no position: {}",
+        reply.text
+    );
+}
+
+async fn deep_and_long_rules_are_refused_with_their_position_and_the_server_keeps_answering(
+    backend: Backend,
+) {
+    let app = spawn_app(backend).await;
+    let admin = app.admin_token().await;
+    admin_collection(&app, &admin, "x", json!({"rules": {"read": "true"}})).await;
+    for n in [300, 3000, 100_000] {
+        let mut rules = deep_rules(n);
+        // A long `&&` chain is balanced by the parser (300 terms are 18 levels): only the
+        // length limit stops it. See `a_long_and_chain_is_a_working_rule` for 300.
+        if n > 300 {
+            rules.push(("&& chain", vec!["true"; n + 1].join(" && ")));
+            rules.push(("|| chain", vec!["false"; n + 1].join(" || ")));
+        }
+        for (what, rule) in rules {
+            let reply = put_rules(&app, &admin, "x", json!({ "read": rule })).await;
+            if rule.len() > BODY_LIMIT {
+                // Past the request body limit the rule is never even read.
+                reply.assert_error(413, "payload_too_large");
+            } else {
+                assert_refused(&reply, &format!("{what} × {n}"));
+            }
+        }
+        app.get("/health", None).await.assert_ok();
+    }
+    let megabyte = format!("resource.data.a == '{}'", "a".repeat(1_000_000));
+    let reply = put_rules(&app, &admin, "x", json!({ "read": megabyte })).await;
+    assert_refused(&reply, "1 MB rule");
+    assert!(
+        reply.body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("16384")),
+        "{}",
+        reply.text
+    );
+    // The refused PUTs changed nothing.
+    let collection = app
+        .get("/v1/admin/collections/x", Some(&admin))
+        .await
+        .assert_ok()
+        .clone();
+    assert_eq!(collection["rules"]["read"], "true", "{collection}");
+    app.get("/health", None).await.assert_ok();
+    app.get("/ready", None).await.assert_ok();
+}
+
+async fn a_long_and_chain_is_a_working_rule(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let admin = app.admin_token().await;
+    let read = format!(
+        "auth != null && {} && resource.data.owner == auth.uid",
+        vec!["true"; 300].join(" && ")
+    );
+    admin_collection(&app, &admin, "notes", json!({"rules": {"read": read}})).await;
+    let (alice, alice_token, _) = app.user("alice@example.com").await;
+    for (id, owner) in [("mine", alice.as_str()), ("theirs", "someone")] {
+        app.post(
+            "/v1/db/notes",
+            Some(&admin),
+            json!({"id": id, "data": {"owner": owner}}),
+        )
+        .await
+        .assert_ok();
+    }
+    app.get("/v1/db/notes/mine", Some(&alice_token))
+        .await
+        .assert_ok();
+    app.get("/v1/db/notes/theirs", Some(&alice_token))
+        .await
+        .assert_error(403, "permission_denied");
+    let page = app
+        .post("/v1/db/notes/_query", Some(&alice_token), json!({}))
+        .await;
+    let ids: Vec<&str> = page.assert_ok()["documents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["mine"]);
+}
+
+/// cel-parser 0.10.1 read `!!false` as `!false`: this read rule let everyone read everything.
+async fn a_double_negated_false_read_rule_lets_no_one_read(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let admin = app.admin_token().await;
+    let (_, user, _) = app.user("u@example.com").await;
+    for (i, read) in ["!!false", "!!!!false", "!!(1 == 2)", "!(!(false))"]
+        .into_iter()
+        .enumerate()
+    {
+        let name = format!("secrets{i}");
+        admin_collection(&app, &admin, &name, json!({"rules": {"read": read}})).await;
+        app.post(
+            &format!("/v1/db/{name}"),
+            Some(&admin),
+            json!({"id": "s", "data": {"pin": 1234}}),
+        )
+        .await
+        .assert_ok();
+        for token in [Some(user.as_str()), None] {
+            app.get(&format!("/v1/db/{name}/s"), token)
+                .await
+                .assert_error(403, "permission_denied");
+            let page = app
+                .post(
+                    &format!("/v1/db/{name}/_query"),
+                    token,
+                    json!({"count": true}),
+                )
+                .await;
+            let body = page.assert_ok();
+            assert_eq!(body["documents"], json!([]), "{read}: {body}");
+            assert_eq!(body["count"], 0, "{read}: {body}");
+        }
+    }
+}
+
+async fn double_negation_keeps_its_meaning_in_reads_queries_and_writes(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let admin = app.admin_token().await;
+    let (_, user, _) = app.user("u@example.com").await;
+    admin_collection(
+        &app,
+        &admin,
+        "items",
+        json!({"rules": {
+            "read": "!!(resource.data.x == 2)",
+            "create": "!!(request.data.x == 2) && --request.data.y == request.data.y",
+            "update": "!!!(request.data.x == 1)",
+            "delete": "!!false"}}),
+    )
+    .await;
+    for (id, x) in [("one", 1), ("two", 2)] {
+        app.post(
+            "/v1/db/items",
+            Some(&admin),
+            json!({"id": id, "data": {"x": x}}),
+        )
+        .await
+        .assert_ok();
+    }
+    app.get("/v1/db/items/one", Some(&user))
+        .await
+        .assert_error(403, "permission_denied");
+    app.get("/v1/db/items/two", Some(&user)).await.assert_ok();
+    let page = app
+        .post("/v1/db/items/_query", Some(&user), json!({"count": true}))
+        .await;
+    assert_eq!(page.assert_ok()["count"], 1, "{}", page.text);
+    app.post(
+        "/v1/db/items",
+        Some(&user),
+        json!({"data": {"x": 1, "y": 5}}),
+    )
+    .await
+    .assert_error(403, "permission_denied");
+    app.post(
+        "/v1/db/items",
+        Some(&user),
+        json!({"id": "three", "data": {"x": 2, "y": 5}}),
+    )
+    .await
+    .assert_ok();
+    app.patch("/v1/db/items/two", Some(&user), json!({"data": {"x": 1}}))
+        .await
+        .assert_error(403, "permission_denied");
+    app.patch("/v1/db/items/two", Some(&user), json!({"data": {"x": 2}}))
+        .await
+        .assert_ok();
+    app.delete("/v1/db/items/two", Some(&user))
+        .await
+        .assert_error(403, "permission_denied");
+}
+
+/// Rules that made cel-parser 0.10 panic (printing ~440 lines with `RUST_BACKTRACE=1`), and
+/// deep ones, PUT against the real binary: stderr must hold no panic and no backtrace.
+async fn bad_rules_leave_no_panic_on_stderr(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let database = match backend {
+        Backend::Sqlite => None,
+        Backend::Postgres => Some(fresh_postgres_database().await),
+    };
+    let basalt = |args: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_basalt"));
+        command
+            .args(args)
+            .env("BASALT_DATA_DIR", dir.path())
+            .env("BASALT_LISTEN", "127.0.0.1:0")
+            .env("BASALT_LOG__FORMAT", "json")
+            .env("BASALT_AUTH__ARGON2_MEMORY_KIB", "1024")
+            .env("BASALT_AUTH__ARGON2_ITERATIONS", "1")
+            .env("RUST_BACKTRACE", "1")
+            .env_remove("RUST_LOG");
+        if let Some(url) = &database {
+            command.env("BASALT_DATABASE__URL", url);
+        }
+        command
+    };
+    let created = basalt(&[
+        "admin",
+        "create",
+        "--email",
+        "rules@example.com",
+        "--password",
+        "rules admin pw",
+    ])
+    .output()
+    .unwrap();
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let mut server = ServerProcess::start(basalt(&["serve"]));
+    let client = reqwest::Client::new();
+    let url = |path: &str| format!("http://{}{path}", server.address);
+    let login: Value = client
+        .post(url("/v1/admin/login"))
+        .json(&json!({"email": "rules@example.com", "password": "rules admin pw"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let admin = login["token"].as_str().expect("admin token").to_string();
+    let mut bad: Vec<String> = [
+        "1 +",
+        "(",
+        "a == ",
+        ")",
+        "'abc",
+        "\"",
+        "resource.data.x ==",
+        "[1, 2",
+        "{'a': ",
+        "a ? b",
+        "a.",
+        "a[",
+        "!",
+        "-",
+        "r'",
+        "b\"\\x",
+        "'\\u12'",
+        "1..2",
+        "0x",
+        "1e",
+        "`a`",
+        "a.?b",
+        "{?'a': 1}",
+        "[?1]",
+        "Foo{a: 1}",
+        "has()",
+        "has(a)",
+        "x.all()",
+        "x.map(1, 2)",
+        "[].all(x.y, true)",
+        "1 ? 2 : ",
+        "\u{0}",
+        "é == 1",
+        "'\u{1F600}' == 1 +",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for n in [300, 3000] {
+        bad.extend(deep_rules(n).into_iter().map(|(_, rule)| rule));
+    }
+    for rule in &bad {
+        let reply = client
+            .put(url("/v1/admin/collections/bad"))
+            .bearer_auth(&admin)
+            .json(&json!({"rules": {"read": rule}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status().as_u16(), 400, "{rule:?}");
+    }
+    let health = client.get(url("/health")).send().await.unwrap();
+    assert!(health.status().is_success());
+    let stderr = server.stop();
+    assert!(
+        stderr.contains("listening"),
+        "stderr was not collected:\n{stderr}"
+    );
+    for noise in ["panicked", "stack backtrace", "RUST_BACKTRACE", "overflow"] {
+        assert!(
+            !stderr.contains(noise),
+            "stderr holds {noise:?}:\n{}",
+            &stderr[..stderr.len().min(4000)]
+        );
+    }
+}
+
+/// `basalt serve` as a child process, with its stderr collected.
+struct ServerProcess {
+    child: Child,
+    address: String,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl ServerProcess {
+    fn start(mut command: Command) -> Self {
+        let mut child = command.stderr(Stdio::piped()).spawn().unwrap();
+        let pipe = child.stderr.take().unwrap();
+        let (lines_tx, lines_rx) = mpsc::channel();
+        let (address_tx, address_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                if let Ok(event) = serde_json::from_str::<Value>(&line) {
+                    if let Some(address) = event["address"].as_str() {
+                        let _ = address_tx.send(address.to_string());
+                    }
+                }
+                all.push_str(&line);
+                all.push('\n');
+            }
+            let _ = lines_tx.send(all);
+        });
+        let address = address_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the server logs the address it listens on");
+        ServerProcess {
+            child,
+            address,
+            stderr: lines_rx,
+        }
+    }
+
+    /// Stops the server (SIGTERM) and returns everything it wrote to stderr.
+    fn stop(&mut self) -> String {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let status = self.child.wait().unwrap();
+        let stderr = self
+            .stderr
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_default();
+        assert!(status.success(), "exit status {status:?}:\n{stderr}");
+        stderr
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A fresh database for a server started as a child process (the in-process helper keeps its
+/// own private).
+async fn fresh_postgres_database() -> String {
+    use sqlx::Connection;
+    let base = postgres_url().expect("BASALT_TEST_DATABASE_URL");
+    let name = format!("basalt_test_{}", basalt::ids::new_id().to_lowercase());
+    let mut conn = sqlx::PgConnection::connect(&base).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let (prefix, _) = base.rsplit_once('/').unwrap();
+    format!("{prefix}/{name}")
+}
