@@ -196,12 +196,17 @@ pub struct ChangesConfig {
     /// How long a durable consumer that does not move may hold back retention, in hours;
     /// past it the log is pruned without waiting for it (and a warning is logged).
     pub consumer_max_lag_hours: u64,
+    /// PostgreSQL: how often a node reads the log without being woken by a commit of its own
+    /// or another node's announcement, in milliseconds (a safety net; announcements are what
+    /// make cross-node delivery fast).
+    pub poll_interval_ms: u64,
 }
 
 impl Default for ChangesConfig {
     fn default() -> Self {
         ChangesConfig {
             consumer_max_lag_hours: 24 * 30,
+            poll_interval_ms: 1000,
         }
     }
 }

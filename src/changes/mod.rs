@@ -40,10 +40,11 @@ const BUS_CAPACITY: usize = 4096;
 const MAX_BUS_PAYLOAD: usize = 64 * 1024;
 /// Events read per tailer round.
 const TAIL_BATCH: u32 = 1000;
-/// How often the tailer looks without being woken, and how soon it looks again while a
-/// transaction it saw in progress may still fill a position.
-const SAFETY_POLL: Duration = Duration::from_secs(1);
+/// How soon the tailer looks again while a transaction it saw in progress may still fill a
+/// position (without being woken otherwise: `changes.poll_interval_ms`).
 const WAITING_POLL: Duration = Duration::from_millis(5);
+/// How long to wait before retrying a lost listening connection or a failed read.
+const RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChangesError {
@@ -97,7 +98,11 @@ impl ChangeBus {
             announce.notify_one();
         }));
         let tasks = vec![
-            tokio::spawn(tail(Arc::downgrade(&bus), start)),
+            tokio::spawn(tail(
+                Arc::downgrade(&bus),
+                start,
+                Duration::from_millis(bus.config.poll_interval_ms.max(1)),
+            )),
             tokio::spawn(listen(Arc::downgrade(&bus))),
             tokio::spawn(announce_commits(Arc::downgrade(&bus))),
         ];
@@ -263,7 +268,7 @@ fn payload_size(event: &Event) -> usize {
 }
 
 /// The PostgreSQL tailer: reads the log in commit order and publishes it.
-async fn tail(bus: std::sync::Weak<ChangeBus>, start: i64) {
+async fn tail(bus: std::sync::Weak<ChangeBus>, start: i64, safety_poll: Duration) {
     let mut tailer = Tailer::new(start);
     loop {
         let Some(bus) = bus.upgrade() else { return };
@@ -286,13 +291,13 @@ async fn tail(bus: std::sync::Weak<ChangeBus>, start: i64) {
                 if full && progressed {
                     continue;
                 }
-                let pause = if waiting { WAITING_POLL } else { SAFETY_POLL };
+                let pause = if waiting { WAITING_POLL } else { safety_poll };
                 let _ = tokio::time::timeout(pause, wake.notified()).await;
             }
             Err(err) => {
                 tracing::warn!(error = %err, "could not read the change log; retrying");
                 drop(bus);
-                tokio::time::sleep(SAFETY_POLL).await;
+                tokio::time::sleep(RETRY).await;
             }
         }
     }
@@ -319,7 +324,7 @@ async fn listen(bus: std::sync::Weak<ChangeBus>) {
                 tracing::warn!(error = %err, "cannot listen for other nodes' changes; retrying")
             }
         }
-        tokio::time::sleep(SAFETY_POLL).await;
+        tokio::time::sleep(RETRY).await;
     }
 }
 

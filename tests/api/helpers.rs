@@ -69,7 +69,7 @@ pub fn postgres_available() -> bool {
 }
 
 /// Creates a fresh, uniquely named database on the test PostgreSQL server.
-async fn fresh_postgres_database() -> String {
+pub async fn fresh_postgres_database() -> String {
     use sqlx::Connection;
     let base = postgres_url().expect("BASALT_TEST_DATABASE_URL");
     let name = format!("basalt_test_{}", basalt::ids::new_id().to_lowercase());

@@ -4,6 +4,7 @@ mod helpers;
 
 mod admin;
 mod auth;
+mod changes;
 mod cli;
 mod documents;
 mod ops;
