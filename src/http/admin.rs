@@ -303,9 +303,8 @@ async fn list_keys(
     State(state): State<AppState>,
     _admin: AdminTokenOnly,
 ) -> ApiResult<axum::Json<KeyList>> {
-    let keys = state.store.list_service_keys().await?;
     Ok(axum::Json(KeyList {
-        keys: keys.iter().map(ServiceKey::from).collect(),
+        keys: state.auth.list_service_keys().await?,
     }))
 }
 
@@ -347,9 +346,7 @@ async fn delete_key(
     AdminTokenOnly(caller): AdminTokenOnly,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    if !state.store.delete_service_key(&id).await? {
-        return Err(ApiError::NotFound("service key not found".into()));
-    }
+    state.auth.delete_service_key(&id).await?;
     state
         .audit
         .record(&caller, "key.delete", Some(&id), json!({}))
