@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::PgRow;
 use sqlx::Row;
 
-use super::{events, map_err, PgStore};
+use super::{map_err, PgStore};
 use crate::store::events::{user_deleted, user_event};
 use crate::store::{
     contains_pattern, Actor, AdminRow, AuditRow, AuthStore, EventOp, Guarded, NewAudit,
@@ -166,7 +166,7 @@ impl AuthStore for PgStore {
     }
 
     async fn insert_user(&self, u: &UserRow, actor: &Actor) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let mut unit = self.begin_unit().await?;
         sqlx::query(&format!(
             "INSERT INTO users ({USER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
         ))
@@ -183,17 +183,12 @@ impl AuthStore for PgStore {
         .bind(u.created_at)
         .bind(u.updated_at)
         .bind(u.last_sign_in_at)
-        .execute(&mut *tx)
+        .execute(&mut *unit.tx)
         .await
         .map_err(map_err)?;
-        let events = events::append(
-            &mut tx,
-            u.created_at,
-            vec![user_event(EventOp::Create, u, None, actor.clone())],
-        )
-        .await?;
-        tx.commit().await.map_err(map_err)?;
-        self.hooks.committed(&events);
+        unit.append(vec![user_event(EventOp::Create, u, None, actor.clone())])
+            .await?;
+        unit.commit().await?;
         Ok(())
     }
 
@@ -226,14 +221,14 @@ impl AuthStore for PgStore {
         at: DateTime<Utc>,
         actor: &Actor,
     ) -> StoreResult<Guarded<UserRow>> {
-        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let mut unit = self.begin_unit().await?;
         // The row as it was, for the event's `old_data`; locking it here takes the same row
         // lock the UPDATE below would, only earlier in this transaction.
         let before = sqlx::query(&format!(
             "SELECT {USER_COLUMNS} FROM users WHERE id = $1 FOR UPDATE"
         ))
         .bind(id)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut *unit.tx)
         .await
         .map_err(map_err)?
         .as_ref()
@@ -277,23 +272,20 @@ impl AuthStore for PgStore {
         .bind(guard.enabled)
         .bind(guard.password_hash.is_some())
         .bind(guard.password_hash.clone().flatten())
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut *unit.tx)
         .await
         .map_err(map_err)?;
         let Some(row) = row else {
-            return refusal(&mut tx, id, guard).await;
+            return refusal(&mut unit.tx, id, guard).await;
         };
         let user = user_from_row(&row).map_err(map_err)?;
-        let events = events::append(
-            &mut tx,
-            at,
-            vec![user_event(
-                EventOp::Update,
-                &user,
-                before.as_ref(),
-                actor.clone(),
-            )],
-        )
+        unit.now = at;
+        unit.append(vec![user_event(
+            EventOp::Update,
+            &user,
+            before.as_ref(),
+            actor.clone(),
+        )])
         .await?;
         let except = match revoke {
             RevokeSessions::None => None,
@@ -308,30 +300,28 @@ impl AuthStore for PgStore {
             .bind(id)
             .bind(at)
             .bind(except)
-            .execute(&mut *tx)
+            .execute(&mut *unit.tx)
             .await
             .map_err(map_err)?;
         }
-        tx.commit().await.map_err(map_err)?;
-        self.hooks.committed(&events);
+        unit.commit().await?;
         Ok(Guarded::Done(user))
     }
 
     async fn delete_user(&self, id: &str, actor: &Actor) -> StoreResult<bool> {
-        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let mut unit = self.begin_unit().await?;
         let row = sqlx::query(&format!(
             "DELETE FROM users WHERE id = $1 RETURNING {USER_COLUMNS}"
         ))
         .bind(id)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut *unit.tx)
         .await
         .map_err(map_err)?;
         let Some(row) = row else { return Ok(false) };
         let before = user_from_row(&row).map_err(map_err)?;
         let event = user_deleted(&before, actor.clone());
-        let events = events::append(&mut tx, Utc::now(), vec![event]).await?;
-        tx.commit().await.map_err(map_err)?;
-        self.hooks.committed(&events);
+        unit.append(vec![event]).await?;
+        unit.commit().await?;
         Ok(true)
     }
 

@@ -1,7 +1,6 @@
 //! Documents, collections and the change log on PostgreSQL.
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::query::Query;
 use sqlx::{Postgres, Row};
@@ -165,18 +164,18 @@ impl DocumentStore for PgStore {
     }
 
     async fn delete_collection(&self, name: &str, actor: &Actor) -> StoreResult<bool> {
-        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let mut unit = self.begin_unit().await?;
         let done = sqlx::query("DELETE FROM collections WHERE name = $1")
             .bind(name)
-            .execute(&mut *tx)
+            .execute(&mut *unit.tx)
             .await
             .map_err(map_err)?;
         // Deletes the documents and appends their events in one statement: a document
         // written meanwhile is either deleted with its event or not deleted at all.
-        let events = events::drop_collection(&mut tx, Utc::now(), name, actor).await?;
-        create_indexes(&mut tx, name, &[]).await?;
-        tx.commit().await.map_err(map_err)?;
-        self.hooks.committed(&events);
+        let events = events::drop_collection(&mut unit.tx, unit.now, name, actor).await?;
+        unit.appended(events);
+        create_indexes(&mut unit.tx, name, &[]).await?;
+        unit.commit().await?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -200,8 +199,8 @@ impl DocumentStore for PgStore {
         writes: Vec<PlannedWrite>,
         actor: &Actor,
     ) -> StoreResult<Vec<WriteOutcome>> {
-        let mut tx = self.pool.begin().await.map_err(map_err)?;
-        let now: DateTime<Utc> = Utc::now();
+        let mut unit = self.begin_unit().await?;
+        let now = unit.now;
         // Serialise writers of each document, including creators of a missing one (the
         // advisory lock covers the id before the row exists). All of a batch's locks are
         // taken at once, in one order, so two batches naming the same documents in opposite
@@ -216,13 +215,13 @@ impl DocumentStore for PgStore {
              ) AS locks",
         )
         .bind(&keys)
-        .execute(&mut *tx)
+        .execute(&mut *unit.tx)
         .await
         .map_err(map_err)?;
         let mut outcomes = Vec::with_capacity(writes.len());
         let mut appended = Vec::with_capacity(writes.len());
         for w in writes {
-            let current = read_document(&mut tx, &w.collection, &w.id).await?;
+            let current = read_document(&mut unit.tx, &w.collection, &w.id).await?;
             let mut decide = w.decide;
             let mut rounds = DecideLoop::default();
             let decision = loop {
@@ -230,7 +229,7 @@ impl DocumentStore for PgStore {
                     Ok(decision) => break decision,
                     Err(keys) => {
                         for (collection, id) in keys {
-                            let doc = read_document(&mut tx, &collection, &id).await?;
+                            let doc = read_document(&mut unit.tx, &collection, &id).await?;
                             rounds.supply((collection, id), doc.as_ref());
                         }
                     }
@@ -265,7 +264,7 @@ impl DocumentStore for PgStore {
                         .bind(&w.id)
                 }
             };
-            statement.execute(&mut *tx).await.map_err(map_err)?;
+            statement.execute(&mut *unit.tx).await.map_err(map_err)?;
             let op = event.op;
             appended.push(event);
             outcomes.push(WriteOutcome {
@@ -277,12 +276,11 @@ impl DocumentStore for PgStore {
                 position: 0,
             });
         }
-        let events = events::append(&mut tx, now, appended).await?;
-        for (o, e) in outcomes.iter_mut().zip(&events) {
+        let events = unit.append(appended).await?;
+        for (o, e) in outcomes.iter_mut().zip(events) {
             o.position = e.position;
         }
-        tx.commit().await.map_err(map_err)?;
-        self.hooks.committed(&events);
+        unit.commit().await?;
         Ok(outcomes)
     }
 

@@ -46,9 +46,51 @@ fn event_from(row: &PgRow, base: usize) -> Result<Event, sqlx::Error> {
     })
 }
 
+/// One unit of work on PostgreSQL: a transaction in which a write's rows and the events they
+/// make are written; [`Unit::commit`] commits and hands the events to the change bus. Every
+/// domain that writes goes through [`PgStore::begin_unit`].
+pub(crate) struct Unit<'s> {
+    pub tx: Transaction<'static, Postgres>,
+    pub now: DateTime<Utc>,
+    events: Vec<Event>,
+    store: &'s PgStore,
+}
+
+impl Unit<'_> {
+    /// Appends `events` now (so their positions are known); answers them.
+    pub async fn append(&mut self, events: Vec<NewEvent>) -> StoreResult<&[Event]> {
+        let from = self.events.len();
+        let appended = append(&mut self.tx, self.now, events).await?;
+        self.events.extend(appended);
+        Ok(&self.events[from..])
+    }
+
+    /// Events appended by SQL of the caller's own (a collection drop), to publish too.
+    pub fn appended(&mut self, events: Vec<Event>) {
+        self.events.extend(events);
+    }
+
+    pub async fn commit(self) -> StoreResult<()> {
+        self.tx.commit().await.map_err(map_err)?;
+        self.store.hooks.committed(&self.events);
+        Ok(())
+    }
+}
+
+impl PgStore {
+    pub(crate) async fn begin_unit(&self) -> StoreResult<Unit<'_>> {
+        Ok(Unit {
+            tx: self.pool.begin().await.map_err(map_err)?,
+            now: Utc::now(),
+            events: Vec::new(),
+            store: self,
+        })
+    }
+}
+
 /// Appends `events` inside `tx` at `now`, in one statement; answers them with their
-/// positions (in the order given). The caller hands them to the commit hooks after commit.
-pub(crate) async fn append(
+/// positions (in the order given).
+async fn append(
     tx: &mut Transaction<'_, Postgres>,
     now: DateTime<Utc>,
     events: Vec<NewEvent>,

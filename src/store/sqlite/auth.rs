@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rusqlite::{params, OptionalExtension, Row};
 
-use super::{events, map_err, parse_ts, parse_ts_opt, ts, SqliteStore};
+use super::{map_err, parse_ts, parse_ts_opt, ts, SqliteStore};
 use crate::store::events::{user_deleted, user_event};
 use crate::store::{
     contains_pattern, Actor, AdminRow, AuditRow, AuthStore, EventOp, Guarded, NewAudit,
@@ -168,9 +168,8 @@ impl AuthStore for SqliteStore {
     async fn insert_user(&self, user: &UserRow, actor: &Actor) -> StoreResult<()> {
         let u = user.clone();
         let actor = actor.clone();
-        let hooks = self.hooks.clone();
-        self.write_then(move |tx| {
-            tx.prepare_cached(&format!(
+        self.write_unit(move |unit| {
+            unit.tx.prepare_cached(&format!(
                 "INSERT INTO users ({USER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
             ))
             .and_then(|mut s| {
@@ -191,10 +190,11 @@ impl AuthStore for SqliteStore {
                 ])
             })
             .map_err(map_err)?;
-            events::append(tx, u.created_at, vec![user_event(EventOp::Create, &u, None, actor)])
-        }, move |events| hooks.committed(events))
-        .await?;
-        Ok(())
+            unit.now = u.created_at;
+            unit.append(vec![user_event(EventOp::Create, &u, None, actor)])?;
+            Ok(())
+        })
+        .await
     }
 
     async fn user_by_id(&self, id: &str) -> StoreResult<Option<UserRow>> {
@@ -230,19 +230,18 @@ impl AuthStore for SqliteStore {
     ) -> StoreResult<Guarded<UserRow>> {
         let (id, p, guard, revoke) = (id.to_string(), patch.clone(), guard.clone(), revoke.clone());
         let actor = actor.clone();
-        let hooks = self.hooks.clone();
-        let (guarded, _) = self
-            .write_then(
-                move |tx| {
-                    let before = tx
-                        .prepare_cached(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = ?1"))
-                        .and_then(|mut s| s.query_row([&id], user_from_row).optional())
-                        .map_err(map_err)?;
-                    // Every right-hand side reads the row as it was before this statement, so the
-                    // email comparison sees the old address.
-                    let written = tx
-                        .prepare_cached(&format!(
-                            "UPDATE users SET
+        self.write_unit(move |unit| {
+            unit.now = at;
+            let tx = unit.tx;
+            let before = tx
+                .prepare_cached(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = ?1"))
+                .and_then(|mut s| s.query_row([&id], user_from_row).optional())
+                .map_err(map_err)?;
+            // Every right-hand side reads the row as it was before this statement, so the
+            // email comparison sees the old address.
+            let written = tx
+                .prepare_cached(&format!(
+                    "UPDATE users SET
                         email = COALESCE(?2, email),
                         email_verified = CASE
                             WHEN ?3 IS NOT NULL THEN ?3
@@ -257,81 +256,74 @@ impl AuthStore for SqliteStore {
                         updated_at = ?11
                      WHERE id = ?1 AND {}
                      RETURNING {USER_COLUMNS}",
-                            guard_where(12)
-                        ))
-                        .and_then(|mut s| {
-                            s.query_row(
-                                params![
-                                    id,
-                                    p.email,
-                                    p.email_verified,
-                                    p.unverify_changed_email,
-                                    p.password_hash,
-                                    p.is_anonymous,
-                                    p.providers.as_ref().map(|v| v.to_string()),
-                                    p.data.as_ref().map(|v| v.to_string()),
-                                    p.claims.as_ref().map(|v| v.to_string()),
-                                    p.disabled,
-                                    ts(&at),
-                                    guard.enabled,
-                                    guard.password_hash.is_some(),
-                                    guard.password_hash.clone().flatten(),
-                                ],
-                                user_from_row,
-                            )
-                            .optional()
-                        })
-                        .map_err(map_err)?;
-                    let Some(user) = written else {
-                        return refusal(tx, &id, &guard).map(|r| (r, Vec::new()));
-                    };
-                    let events = events::append(
-                        tx,
-                        at,
-                        vec![user_event(EventOp::Update, &user, before.as_ref(), actor)],
-                    )?;
-                    let except = match &revoke {
-                        RevokeSessions::None => return Ok((Guarded::Done(user), events)),
-                        RevokeSessions::All => None,
-                        RevokeSessions::AllExcept(keep) => Some(keep.clone()),
-                    };
-                    tx.prepare_cached(
-                        "UPDATE sessions SET revoked_at = ?2
-                 WHERE user_id = ?1 AND revoked_at IS NULL AND (?3 IS NULL OR id <> ?3)",
+                    guard_where(12)
+                ))
+                .and_then(|mut s| {
+                    s.query_row(
+                        params![
+                            id,
+                            p.email,
+                            p.email_verified,
+                            p.unverify_changed_email,
+                            p.password_hash,
+                            p.is_anonymous,
+                            p.providers.as_ref().map(|v| v.to_string()),
+                            p.data.as_ref().map(|v| v.to_string()),
+                            p.claims.as_ref().map(|v| v.to_string()),
+                            p.disabled,
+                            ts(&at),
+                            guard.enabled,
+                            guard.password_hash.is_some(),
+                            guard.password_hash.clone().flatten(),
+                        ],
+                        user_from_row,
                     )
-                    .and_then(|mut s| s.execute(params![id, ts(&at), except]))
-                    .map_err(map_err)?;
-                    Ok((Guarded::Done(user), events))
-                },
-                move |(_, events)| hooks.committed(events),
+                    .optional()
+                })
+                .map_err(map_err)?;
+            let Some(user) = written else {
+                return refusal(tx, &id, &guard);
+            };
+            unit.append(vec![user_event(
+                EventOp::Update,
+                &user,
+                before.as_ref(),
+                actor,
+            )])?;
+            let except = match &revoke {
+                RevokeSessions::None => return Ok(Guarded::Done(user)),
+                RevokeSessions::All => None,
+                RevokeSessions::AllExcept(keep) => Some(keep.clone()),
+            };
+            tx.prepare_cached(
+                "UPDATE sessions SET revoked_at = ?2
+                 WHERE user_id = ?1 AND revoked_at IS NULL AND (?3 IS NULL OR id <> ?3)",
             )
-            .await?;
-        Ok(guarded)
+            .and_then(|mut s| s.execute(params![id, ts(&at), except]))
+            .map_err(map_err)?;
+            Ok(Guarded::Done(user))
+        })
+        .await
     }
 
     async fn delete_user(&self, id: &str, actor: &Actor) -> StoreResult<bool> {
         let id = id.to_string();
         let actor = actor.clone();
-        let hooks = self.hooks.clone();
-        let (deleted, _) = self
-            .write_then(
-                move |tx| {
-                    let before = tx
-                        .prepare_cached(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = ?1"))
-                        .and_then(|mut s| s.query_row([&id], user_from_row).optional())
-                        .map_err(map_err)?;
-                    let Some(before) = before else {
-                        return Ok((false, Vec::new()));
-                    };
-                    tx.execute("DELETE FROM users WHERE id = ?1", [&id])
-                        .map_err(map_err)?;
-                    let event = user_deleted(&before, actor);
-                    Ok((true, events::append(tx, Utc::now(), vec![event])?))
-                },
-                move |(_, events)| hooks.committed(events),
-            )
-            .await?;
-        Ok(deleted)
+        self.write_unit(move |unit| {
+            let tx = unit.tx;
+            let before = tx
+                .prepare_cached(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = ?1"))
+                .and_then(|mut s| s.query_row([&id], user_from_row).optional())
+                .map_err(map_err)?;
+            let Some(before) = before else {
+                return Ok(false);
+            };
+            tx.execute("DELETE FROM users WHERE id = ?1", [&id])
+                .map_err(map_err)?;
+            unit.append(vec![user_deleted(&before, actor)])?;
+            Ok(true)
+        })
+        .await
     }
 
     async fn list_users(

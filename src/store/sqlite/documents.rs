@@ -1,7 +1,6 @@
 //! Documents, collections and the change log on SQLite.
 
 use async_trait::async_trait;
-use chrono::Utc;
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, params_from_iter, OptionalExtension, Row, Transaction};
 use serde_json::Value;
@@ -247,23 +246,19 @@ impl DocumentStore for SqliteStore {
     async fn delete_collection(&self, name: &str, actor: &Actor) -> StoreResult<bool> {
         let name = name.to_string();
         let actor = actor.clone();
-        let hooks = self.hooks.clone();
-        let (existed, _) = self
-            .write_then(
-                move |tx| {
-                    let n = tx
-                        .execute("DELETE FROM collections WHERE name = ?1", [&name])
-                        .map_err(map_err)?;
-                    let events = events::append_collection_drop(tx, Utc::now(), &name, &actor)?;
-                    tx.execute("DELETE FROM documents WHERE collection = ?1", [&name])
-                        .map_err(map_err)?;
-                    create_indexes(tx, &name, &[])?;
-                    Ok((n > 0, events))
-                },
-                move |(_, events)| hooks.committed(events),
-            )
-            .await?;
-        Ok(existed)
+        self.write_unit(move |unit| {
+            let tx = unit.tx;
+            let n = tx
+                .execute("DELETE FROM collections WHERE name = ?1", [&name])
+                .map_err(map_err)?;
+            let events = events::append_collection_drop(tx, unit.now, &name, &actor)?;
+            unit.appended(events);
+            tx.execute("DELETE FROM documents WHERE collection = ?1", [&name])
+                .map_err(map_err)?;
+            create_indexes(tx, &name, &[])?;
+            Ok(n > 0)
+        })
+        .await
     }
 
     async fn get_document(&self, collection: &str, id: &str) -> StoreResult<Option<DocumentRow>> {
@@ -286,96 +281,88 @@ impl DocumentStore for SqliteStore {
         writes: Vec<PlannedWrite>,
         actor: &Actor,
     ) -> StoreResult<Vec<WriteOutcome>> {
-        let hooks = self.hooks.clone();
         let actor = actor.clone();
-        let (outcomes, _) = self
-            .write_then(
-                move |tx| {
-                    let now = Utc::now();
-                    let mut outcomes = Vec::with_capacity(writes.len());
-                    let mut appended = Vec::with_capacity(writes.len());
-                    for w in writes {
-                        let current = read_document(tx, &w.collection, &w.id)?;
-                        let mut decide = w.decide;
-                        let mut rounds = DecideLoop::default();
-                        let decision = loop {
-                            match rounds.step(&mut decide, current.as_ref(), now)? {
-                                Ok(decision) => break decision,
-                                Err(keys) => {
-                                    for (collection, id) in keys {
-                                        let doc = read_document(tx, &collection, &id)?;
-                                        rounds.supply((collection, id), doc.as_ref());
-                                    }
-                                }
+        self.write_unit(move |unit| {
+            let (tx, now) = (unit.tx, unit.now);
+            let mut outcomes = Vec::with_capacity(writes.len());
+            let mut appended = Vec::with_capacity(writes.len());
+            for w in writes {
+                let current = read_document(tx, &w.collection, &w.id)?;
+                let mut decide = w.decide;
+                let mut rounds = DecideLoop::default();
+                let decision = loop {
+                    match rounds.step(&mut decide, current.as_ref(), now)? {
+                        Ok(decision) => break decision,
+                        Err(keys) => {
+                            for (collection, id) in keys {
+                                let doc = read_document(tx, &collection, &id)?;
+                                rounds.supply((collection, id), doc.as_ref());
                             }
-                        };
-                        let PlannedRow {
-                            write,
-                            event,
-                            version,
-                        } = plan_row_write(
-                            &w.collection,
-                            &w.id,
-                            decision,
-                            current.as_ref(),
-                            now,
-                            &actor,
-                        )?;
-                        match &write {
-                            RowWrite::Update(doc) => tx
-                                .prepare_cached(
-                                    "UPDATE documents SET data = ?3, version = ?4, updated_at = ?5
+                        }
+                    }
+                };
+                let PlannedRow {
+                    write,
+                    event,
+                    version,
+                } = plan_row_write(
+                    &w.collection,
+                    &w.id,
+                    decision,
+                    current.as_ref(),
+                    now,
+                    &actor,
+                )?;
+                match &write {
+                    RowWrite::Update(doc) => tx
+                        .prepare_cached(
+                            "UPDATE documents SET data = ?3, version = ?4, updated_at = ?5
                              WHERE collection = ?1 AND id = ?2",
-                                )
-                                .and_then(|mut s| {
-                                    s.execute(params![
-                                        doc.collection,
-                                        doc.id,
-                                        doc.data.to_string(),
-                                        doc.version,
-                                        ts(&now)
-                                    ])
-                                }),
-                            RowWrite::Insert(doc) => tx
-                                .prepare_cached(&format!(
+                        )
+                        .and_then(|mut s| {
+                            s.execute(params![
+                                doc.collection,
+                                doc.id,
+                                doc.data.to_string(),
+                                doc.version,
+                                ts(&now)
+                            ])
+                        }),
+                    RowWrite::Insert(doc) => tx
+                        .prepare_cached(&format!(
                             "INSERT INTO documents ({DOC_COLUMNS}) VALUES (?1, ?2, ?3, 1, ?4, ?4)"
                         ))
-                                .and_then(|mut s| {
-                                    s.execute(params![
-                                        doc.collection,
-                                        doc.id,
-                                        doc.data.to_string(),
-                                        ts(&now)
-                                    ])
-                                }),
-                            RowWrite::Delete => tx
-                                .prepare_cached(
-                                    "DELETE FROM documents WHERE collection = ?1 AND id = ?2",
-                                )
-                                .and_then(|mut s| s.execute(params![w.collection, w.id])),
-                        }
-                        .map_err(map_err)?;
-                        let op = event.op;
-                        appended.push(event);
-                        outcomes.push(WriteOutcome {
-                            collection: w.collection,
-                            id: w.id,
-                            op,
-                            version,
-                            document: write.into_document(),
-                            position: 0,
-                        });
-                    }
-                    let events = events::append(tx, now, appended)?;
-                    for (o, e) in outcomes.iter_mut().zip(&events) {
-                        o.position = e.position;
-                    }
-                    Ok((outcomes, events))
-                },
-                move |(_, events)| hooks.committed(events),
-            )
-            .await?;
-        Ok(outcomes)
+                        .and_then(|mut s| {
+                            s.execute(params![
+                                doc.collection,
+                                doc.id,
+                                doc.data.to_string(),
+                                ts(&now)
+                            ])
+                        }),
+                    RowWrite::Delete => tx
+                        .prepare_cached("DELETE FROM documents WHERE collection = ?1 AND id = ?2")
+                        .and_then(|mut s| s.execute(params![w.collection, w.id])),
+                }
+                .map_err(map_err)?;
+                let op = event.op;
+                appended.push(event);
+                outcomes.push(WriteOutcome {
+                    collection: w.collection,
+                    id: w.id,
+                    op,
+                    version,
+                    document: write.into_document(),
+                    position: 0,
+                });
+            }
+            let events = unit.append(appended)?;
+            for (o, e) in outcomes.iter_mut().zip(events) {
+                o.position = e.position;
+            }
+            Ok(outcomes)
+        })
+        .await
     }
 
     async fn scan_documents(&self, scan: &Scan<'_>) -> StoreResult<Vec<DocumentRow>> {
@@ -502,7 +489,7 @@ mod tests {
         let store = SqliteStore::open(&dir.path().join("t.db"), 2)
             .await
             .unwrap();
-        let now = Utc::now();
+        let now = chrono::Utc::now();
         let row = CollectionRow {
             name: "posts".into(),
             rules: json!({}),

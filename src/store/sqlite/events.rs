@@ -40,9 +40,58 @@ pub(crate) fn event_from_row(row: &Row<'_>) -> rusqlite::Result<Event> {
     })
 }
 
-/// Appends `events` inside `tx` at time `now`; answers them with their positions. The
-/// caller hands them to the commit hooks once the transaction has committed.
-pub(crate) fn append(
+/// One unit of work on SQLite: a write's rows and the events they make, in one transaction
+/// on the writer thread; the events reach the change bus after commit, in commit order.
+/// Every domain that writes goes through [`SqliteStore::write_unit`].
+pub(crate) struct Unit<'a, 'c> {
+    pub tx: &'a Transaction<'c>,
+    pub now: DateTime<Utc>,
+    events: Vec<Event>,
+}
+
+impl Unit<'_, '_> {
+    /// Appends `events` now (so their positions are known); answers them.
+    pub fn append(&mut self, events: Vec<NewEvent>) -> StoreResult<&[Event]> {
+        let from = self.events.len();
+        let appended = append(self.tx, self.now, events)?;
+        self.events.extend(appended);
+        Ok(&self.events[from..])
+    }
+
+    /// Events appended by SQL of the caller's own (a collection drop), to publish too.
+    pub fn appended(&mut self, events: Vec<Event>) {
+        self.events.extend(events);
+    }
+}
+
+impl SqliteStore {
+    /// Runs `f` as one unit of work (see [`Unit`]).
+    pub(crate) async fn write_unit<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Unit<'_, '_>) -> StoreResult<T> + Send + 'static,
+    {
+        let hooks = self.hooks.clone();
+        let (value, _) = self
+            .write_then(
+                move |tx| {
+                    let mut unit = Unit {
+                        tx,
+                        now: Utc::now(),
+                        events: Vec::new(),
+                    };
+                    let value = f(&mut unit)?;
+                    Ok((value, unit.events))
+                },
+                move |(_, events)| hooks.committed(events),
+            )
+            .await?;
+        Ok(value)
+    }
+}
+
+/// Appends `events` inside `tx` at time `now`; answers them with their positions.
+fn append(
     tx: &Transaction<'_>,
     now: DateTime<Utc>,
     events: Vec<NewEvent>,
