@@ -49,9 +49,10 @@ pub enum ApiError {
     RateLimited { retry_after_secs: u64 },
     #[error("{0}")]
     Unavailable(String),
-    /// A position older than the retained change log (410 `cursor_expired`).
-    #[error("{0}")]
-    CursorExpired(String),
+    /// A position older than the retained change log (410 `cursor_expired`); `details` says
+    /// where the retained log starts.
+    #[error("{message}")]
+    CursorExpired { message: String, details: Value },
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -87,7 +88,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::CursorExpired(_) => StatusCode::GONE,
+            ApiError::CursorExpired { .. } => StatusCode::GONE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -105,7 +106,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::Unavailable(_) => "unavailable",
-            ApiError::CursorExpired(_) => "cursor_expired",
+            ApiError::CursorExpired { .. } => "cursor_expired",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -142,6 +143,7 @@ impl IntoResponse for ApiError {
         }
         let details = match &self {
             ApiError::InvalidArgument { details, .. } => details.clone(),
+            ApiError::CursorExpired { details, .. } => Some(details.clone()),
             _ => None,
         };
         let mut response = envelope(status, self.code(), &self.to_string(), details.as_ref());
@@ -191,9 +193,12 @@ impl From<crate::query::QueryError> for ApiError {
 impl From<crate::changes::ChangesError> for ApiError {
     fn from(err: crate::changes::ChangesError) -> Self {
         match err {
-            crate::changes::ChangesError::Expired { .. } => {
-                ApiError::CursorExpired(format!("{err}; start again from the current position"))
-            }
+            crate::changes::ChangesError::Expired { after, first } => ApiError::CursorExpired {
+                message: format!(
+                    "position {after} is older than the retained change log, which starts at {first}"
+                ),
+                details: json!({"after": after, "oldest": first}),
+            },
             crate::changes::ChangesError::Store(e) => e.into(),
         }
     }

@@ -184,6 +184,16 @@ impl ChangeBus {
             .await?)
     }
 
+    /// Where reading from the start begins: just before the oldest retained event.
+    pub async fn oldest_retained(&self) -> Result<i64, ChangesError> {
+        Ok(self.store.pruned_through().await?)
+    }
+
+    /// The newest position appended on any node (it may not be final yet).
+    pub async fn last_position(&self) -> Result<i64, ChangesError> {
+        Ok(self.store.last_position().await?)
+    }
+
     // ---------------------------------------------------------------- durable consumers
 
     /// Registers a durable consumer (idempotent): new ones start at the current watermark.

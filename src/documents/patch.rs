@@ -107,6 +107,11 @@ fn check_transform(map: &Map<String, Value>, path: &str) -> Result<(), ApiError>
     let (name, arg) = map.iter().next().expect("one key");
     let bad = |msg: &str| ApiError::invalid_with(msg.to_string(), json!({"field": path}));
     match name.as_str() {
+        // Integers beyond the signed 64-bit range would be stored as given on a missing
+        // field, or as a rounded double by one database and not the other.
+        "$increment" if arg.is_u64() && !arg.is_i64() => Err(bad(
+            "$increment takes an integer within the signed 64-bit range, or a double",
+        )),
         "$increment" if arg.is_number() => Ok(()),
         "$increment" => Err(bad("$increment takes a number")),
         "$serverTimestamp" if arg == &Value::Bool(true) => Ok(()),
@@ -302,6 +307,8 @@ mod tests {
         assert!(check_input(&json!({"a": {"$increment": "1"}}), 32, true).is_err());
         assert!(check_input(&json!({"a": {"$increment": 1}}), 32, false).is_err());
         assert!(check_input(&json!({"a": {"$increment": 1}}), 32, true).is_ok());
+        assert!(check_input(&json!({"a": {"$increment": u64::MAX}}), 32, true).is_err());
+        assert!(check_input(&json!({"a": {"$increment": i64::MIN}}), 32, true).is_ok());
         assert!(check_input(&json!({"a": [{"$increment": 1}]}), 32, true).is_err());
         assert!(check_input(&json!([1]), 32, true).is_err());
         let deep = (0..40).fold(json!(1), |acc, _| json!({"a": acc}));

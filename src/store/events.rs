@@ -163,8 +163,9 @@ pub trait EventStore: Send + Sync {
     /// Installs the hook told about every commit that appended events.
     fn set_commit_hook(&self, hook: CommitHook);
 
-    /// Events with `after < position <= upto` (any position when `upto` is `None`) whose
-    /// topic starts with `topic_prefix`, oldest first. Readers that must never pass a
+    /// Events with `after < position <= upto` (any position when `upto` is `None`) of topic
+    /// `topic_prefix` — a topic and its subtopics (`db/posts`), or, ending with `/`, every
+    /// topic under it (`db/`) — oldest first. Readers that must never pass a
     /// position still being committed take `upto` from the change bus.
     async fn events_after(
         &self,

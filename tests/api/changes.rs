@@ -389,6 +389,13 @@ async fn a_position_older_than_the_retained_log_is_expired_not_a_gap(backend: Ba
         .await;
     let message = expired.assert_error(410, "cursor_expired");
     assert!(message.contains("older than the retained"), "{message}");
+    let details = &expired.body["error"]["details"];
+    assert!(details["oldest"].as_i64().unwrap() > start, "{details}");
+    assert!(details["head"].as_i64().unwrap() >= details["oldest"].as_i64().unwrap() - 1);
+    // Without `after`, reading starts at the oldest retained event instead.
+    let from_start = app.get("/v1/admin/changes", Some(&admin)).await;
+    from_start.assert_ok();
+    assert!(from_start.body["head"].as_i64().unwrap() >= start);
     // From where the log now starts, reading goes on; the documents are untouched.
     let pruned_to = { app.state.store.pruned_through().await.unwrap() };
     app.get(
@@ -410,12 +417,43 @@ async fn the_changes_endpoint_is_for_admins_and_checks_its_input(backend: Backen
     app.get("/v1/admin/changes", Some(&user))
         .await
         .assert_error(403, "permission_denied");
-    for bad in ["after=-1", "after=x", "limit=0", "limit=1001"] {
+    for (bad, field) in [
+        ("after=-1", "after"),
+        ("after=x", "after"),
+        ("after=999999999", "after"),
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("limit=many", "limit"),
+    ] {
         let reply = app
             .get(&format!("/v1/admin/changes?{bad}"), Some(&admin))
             .await;
         reply.assert_error(400, "invalid_argument");
+        assert_eq!(reply.body["error"]["details"]["field"], field, "{bad}");
     }
+    // A topic is that topic and its subtopics; a trailing `/` is a family.
+    for name in ["a", "acc"] {
+        admin_collection(&app, &admin, name, json!({"rules": open_rules()})).await;
+        app.post(
+            &format!("/v1/db/{name}"),
+            Some(&admin),
+            json!({"id": "k", "data": {}}),
+        )
+        .await
+        .assert_ok();
+    }
+    settled(&app, last_position(&app).await).await;
+    let topics = |events: Vec<Value>| {
+        events
+            .iter()
+            .map(|e| e["topic"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(topics(all_changes(&app, &admin, 0, "db/a").await), ["db/a"]);
+    assert_eq!(
+        topics(all_changes(&app, &admin, 0, "db/").await),
+        ["db/a", "db/acc"]
+    );
     let key = app
         .post("/v1/admin/keys", Some(&admin), json!({"name": "feed"}))
         .await

@@ -219,7 +219,9 @@ impl EventStore for PgStore {
         let rows = sqlx::query(&format!(
             "SELECT {EVENT_COLUMNS} FROM events
              WHERE position > $1 AND ($2::bigint IS NULL OR position <= $2)
-               AND ($3::text IS NULL OR starts_with(topic, $3))
+               AND ($3::text IS NULL
+                    OR (right($3, 1) = '/' AND starts_with(topic, $3))
+                    OR (right($3, 1) <> '/' AND (topic = $3 OR starts_with(topic, $3 || '/'))))
              ORDER BY position LIMIT $4"
         ))
         .bind(after)

@@ -191,7 +191,10 @@ impl EventStore for SqliteStore {
                 .prepare_cached(&format!(
                     "SELECT {EVENT_COLUMNS} FROM events
                      WHERE position > ?1 AND (?2 IS NULL OR position <= ?2)
-                       AND (?3 IS NULL OR substr(topic, 1, length(?3)) = ?3)
+                       AND (?3 IS NULL
+                            OR (substr(?3, -1) = '/' AND substr(topic, 1, length(?3)) = ?3)
+                            OR (substr(?3, -1) <> '/'
+                                AND (topic = ?3 OR substr(topic, 1, length(?3) + 1) = ?3 || '/')))
                      ORDER BY position LIMIT ?4"
                 ))
                 .map_err(map_err)?;
