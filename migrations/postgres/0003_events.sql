@@ -2,9 +2,9 @@
 -- documents-only change log, and durable consumers record how far they have read.
 --
 -- `position` comes from a sequence when the event is appended, so positions are taken in
--- insert order while transactions commit in another. `xid` (the appending transaction, taken
--- before the position) lets readers deliver positions in commit order: a reader never passes
--- a position that a transaction still in progress may fill (src/changes/tailer.rs).
+-- insert order while transactions commit in another. Appending transactions hold a shared
+-- advisory lock from before they take a position until they end, which lets readers deliver
+-- positions in commit order (src/changes/tailer.rs). `xid` records the appending transaction.
 
 CREATE SEQUENCE events_position_seq;
 

@@ -1,20 +1,21 @@
-//! Commit-order delivery on PostgreSQL, without any lock on the write path.
+//! Commit-order delivery on PostgreSQL, without serialising writers.
 //!
 //! Positions come from a sequence, so a transaction can take position 10, another take 11
 //! and commit first. A reader that delivered 11 would never deliver 10. The tailer therefore
-//! reads the log together with the list of transactions in progress *in the same snapshot*
-//! (`EventStore::event_snapshot`) and keeps two numbers:
+//! reads, in this order, the last position handed out (`through`), the transactions still
+//! appending (each holds a shared advisory lock from before it takes a position until it
+//! ends; see store/postgres/events.rs), then the log (`EventStore::event_snapshot`), and
+//! keeps two numbers:
 //!
 //! - `delivered`: the highest position handed to subscribers;
 //! - `final_through`: every position up to it is final — committed and visible, or never to
 //!   be (a rolled-back transaction leaves a hole).
 //!
-//! Why that is knowable: a transaction appending an event takes its transaction id before its
-//! position (store/postgres/events.rs). So if a snapshot shows position M committed, any
-//! transaction holding a position below M had its id before M's transaction committed, and
-//! is listed in that snapshot as in progress, or already finished. Once every transaction of
-//! that list has finished (none is in a later snapshot's list), every position up to M is
-//! final. When the list is empty, at once.
+//! Why that is knowable: whoever took a position at or below `through` held the lock before
+//! taking it, so it is among those appending at the second read or has already ended. Once
+//! none of them appends any more (they are absent from a later read), every position up to
+//! `through` is final; when none was appending, at once. Whatever they committed is visible
+//! to the log read that follows.
 //!
 //! A position is delivered when it follows `delivered` directly or every position before it
 //! is final; the holes of rolled-back transactions are skipped once they are known to be
@@ -32,9 +33,9 @@ pub(crate) struct Tailer {
     /// The position the tailer started at: it never delivers at or below it, and the
     /// watermark stays at `final_through` until that is final too.
     start: i64,
-    /// Snapshots still waiting for their in-progress transactions: (highest position seen,
-    /// those transactions).
-    pending: Vec<(i64, HashSet<u64>)>,
+    /// Reads still waiting for the transactions that were appending: (their `through`, those
+    /// transactions).
+    pending: Vec<(i64, HashSet<String>)>,
 }
 
 impl Tailer {
@@ -72,26 +73,20 @@ impl Tailer {
     /// Takes one snapshot of the log after [`Tailer::delivered`] (possibly cut short by a
     /// limit); answers the events to deliver now, in position order.
     pub(crate) fn observe(&mut self, snapshot: EventSnapshot) -> Vec<Event> {
-        let in_progress: HashSet<u64> = snapshot.in_progress.into_iter().collect();
+        let appending: HashSet<String> = snapshot.appending.into_iter().collect();
         let final_through = &mut self.final_through;
-        self.pending.retain(|(seen, waiting_for)| {
-            if waiting_for.is_disjoint(&in_progress) {
-                *final_through = (*final_through).max(*seen);
+        self.pending.retain(|(through, waiting_for)| {
+            if waiting_for.is_disjoint(&appending) {
+                *final_through = (*final_through).max(*through);
                 false
             } else {
                 true
             }
         });
-        let highest = snapshot
-            .events
-            .last()
-            .map(|e| e.position)
-            .unwrap_or(self.delivered)
-            .max(self.delivered);
-        if in_progress.is_empty() {
-            self.final_through = self.final_through.max(highest);
-        } else if highest > self.final_through {
-            self.pending.push((highest, in_progress));
+        if appending.is_empty() {
+            self.final_through = self.final_through.max(snapshot.through);
+        } else if snapshot.through > self.final_through {
+            self.pending.push((snapshot.through, appending));
         }
         let mut out = Vec::new();
         for event in snapshot.events {
@@ -128,10 +123,13 @@ mod tests {
         }
     }
 
-    fn snap(positions: &[i64], in_progress: &[u64]) -> EventSnapshot {
+    /// A read that saw `positions`, the sequence at `through`, and `appending` holding the
+    /// lock.
+    fn snap(positions: &[i64], through: i64, appending: &[&str]) -> EventSnapshot {
         EventSnapshot {
+            through,
+            appending: appending.iter().map(|a| a.to_string()).collect(),
             events: positions.iter().copied().map(ev).collect(),
-            in_progress: in_progress.to_vec(),
         }
     }
 
@@ -142,36 +140,58 @@ mod tests {
     #[test]
     fn a_position_committed_late_is_delivered_before_those_after_it() {
         let mut t = Tailer::new(10);
-        // 11 and 13 are visible, 12 is held by transaction 7, still running.
-        assert_eq!(positions(&t.observe(snap(&[11, 13], &[7]))), vec![11]);
+        // 11 and 13 are visible; 12 is held by transaction "3/7", still appending.
+        assert_eq!(
+            positions(&t.observe(snap(&[11, 13], 13, &["3/7"]))),
+            vec![11]
+        );
         assert_eq!(t.watermark(), 0, "the start is not final yet");
         // 12 commits.
-        assert_eq!(positions(&t.observe(snap(&[12, 13], &[]))), vec![12, 13]);
+        assert_eq!(
+            positions(&t.observe(snap(&[12, 13], 13, &[]))),
+            vec![12, 13]
+        );
         assert_eq!(t.watermark(), 13);
+    }
+
+    #[test]
+    fn a_transaction_appending_after_the_read_cannot_hold_back_what_was_final() {
+        let mut t = Tailer::new(0);
+        // Nobody was appending when the sequence stood at 2: 1 and 2 are final.
+        assert_eq!(positions(&t.observe(snap(&[1, 2], 2, &[]))), vec![1, 2]);
+        // 4 is visible, 3 is held by "5/1", which took its lock after the sequence read 4.
+        assert_eq!(
+            positions(&t.observe(snap(&[4], 4, &["5/1"]))),
+            Vec::<i64>::new()
+        );
+        assert_eq!(t.watermark(), 2);
     }
 
     #[test]
     fn a_rolled_back_position_is_skipped_once_its_transaction_is_gone() {
         let mut t = Tailer::new(0);
-        assert_eq!(positions(&t.observe(snap(&[1, 3], &[5, 6]))), vec![1]);
-        // Transaction 5 (holding 2) rolled back; 6 still runs: 2 may still be 6's.
         assert_eq!(
-            positions(&t.observe(snap(&[3], &[6, 9]))),
+            positions(&t.observe(snap(&[1, 3], 3, &["a", "b"]))),
+            vec![1]
+        );
+        // "a" (holding 2) rolled back; "b" still appends: 2 may still be b's.
+        assert_eq!(
+            positions(&t.observe(snap(&[3], 3, &["b", "c"]))),
             Vec::<i64>::new()
         );
-        // 6 finished without a position below 3: 2 is a hole for good.
-        assert_eq!(positions(&t.observe(snap(&[3, 4], &[9]))), vec![3, 4]);
+        // "b" ended without a position below 3: 2 is a hole for good.
+        assert_eq!(positions(&t.observe(snap(&[3, 4], 4, &["c"]))), vec![3, 4]);
         assert_eq!(t.watermark(), 4);
     }
 
     #[test]
     fn a_busy_database_still_moves_the_watermark() {
-        // Never a snapshot without transactions in progress, but each set drains.
+        // Never a read without someone appending, but each set of appenders ends.
         let mut t = Tailer::new(0);
-        t.observe(snap(&[1, 2], &[1]));
-        t.observe(snap(&[1, 2, 3], &[2]));
+        t.observe(snap(&[1, 2], 2, &["1"]));
+        t.observe(snap(&[1, 2, 3], 3, &["2"]));
         assert!(t.watermark() >= 2);
-        t.observe(snap(&[4], &[3]));
+        t.observe(snap(&[4], 4, &["3"]));
         assert!(t.watermark() >= 3);
         assert_eq!(t.delivered(), 4);
     }

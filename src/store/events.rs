@@ -151,11 +151,15 @@ impl CommitHooks {
 /// What a read of the log found, with what a PostgreSQL reader needs to keep commit order.
 #[derive(Debug, Clone, Default)]
 pub struct EventSnapshot {
+    /// Every position at or below this had been handed out before `appending` was taken.
+    pub through: i64,
+    /// The transactions that were appending events (holding positions they may not have
+    /// committed) when the read was taken, by an id unique to each transaction. Once none of
+    /// them is appending any more, every position up to `through` is final. Always empty on
+    /// SQLite, whose single writer commits in position order.
+    pub appending: Vec<String>,
+    /// The events after the position asked for, read after `through` and `appending`.
     pub events: Vec<Event>,
-    /// Transactions in progress when the read was taken (PostgreSQL; always empty on
-    /// SQLite, whose single writer commits in position order). A position below the highest
-    /// seen may still be filled by one of them.
-    pub in_progress: Vec<u64>,
 }
 
 #[async_trait]
@@ -175,8 +179,8 @@ pub trait EventStore: Send + Sync {
         limit: u32,
     ) -> StoreResult<Vec<Event>>;
 
-    /// The next events after `after` and, from the same snapshot, the transactions still in
-    /// progress (see [`EventSnapshot`]).
+    /// The next events after `after`, with what tells which positions are final (see
+    /// [`EventSnapshot`]).
     async fn event_snapshot(&self, after: i64, limit: u32) -> StoreResult<EventSnapshot>;
 
     /// The highest position appended so far (0 when none).

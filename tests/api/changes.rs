@@ -690,10 +690,11 @@ async fn postgres_delivers_positions_in_commit_order_not_insert_order() {
         .expose()
         .clone();
     let mut bus = app.state.changes.subscribe();
-    // The append statement's shape: the transaction id first, then the position.
+    // The append statement's shape: the shared "appending" lock first, then the position.
     async fn append(conn: &mut sqlx::PgConnection, key: &str) -> i64 {
         sqlx::query_scalar(
-            "WITH x AS (SELECT pg_current_xact_id() AS xid)
+            "WITH x AS (SELECT pg_advisory_xact_lock_shared(1651731572, 1) AS locked,
+                               pg_current_xact_id() AS xid)
              INSERT INTO events (position, xid, topic, key, op, actor_type, actor_id, time)
              SELECT nextval('events_position_seq'), x.xid, 'db/manual', $1, 'create', 'system', 'test', now()
              FROM x RETURNING position",
@@ -712,9 +713,16 @@ async fn postgres_delivers_positions_in_commit_order_not_insert_order() {
     }
     let mut early = sqlx::PgConnection::connect(&url).await.unwrap();
     let mut late = sqlx::PgConnection::connect(&url).await.unwrap();
+    // The transaction that commits second takes its transaction id first: its id is then
+    // below the other's, and a snapshot taken after it commits does not list the other as
+    // running (its id is past the snapshot's xmax). Only the "appending" lock tells.
+    sqlx::query("BEGIN").execute(&mut late).await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut late)
+        .await
+        .unwrap();
     sqlx::query("BEGIN").execute(&mut early).await.unwrap();
     let first = append(&mut early, "first").await;
-    sqlx::query("BEGIN").execute(&mut late).await.unwrap();
     let second = append(&mut late, "second").await;
     assert!(first < second);
     sqlx::query("COMMIT").execute(&mut late).await.unwrap();

@@ -207,9 +207,11 @@ impl EventStore for SqliteStore {
     }
 
     async fn event_snapshot(&self, after: i64, limit: u32) -> StoreResult<EventSnapshot> {
+        let through = self.last_position().await?;
         Ok(EventSnapshot {
-            events: self.events_after(after, None, None, limit).await?,
-            in_progress: Vec::new(),
+            through,
+            appending: Vec::new(),
+            events: self.events_after(after, Some(through), None, limit).await?,
         })
     }
 
