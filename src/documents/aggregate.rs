@@ -14,29 +14,34 @@ impl DocumentService {
         let principal = &Principal::from(caller);
         let coll = self.collection(collection).await?;
         let specs = parse_aggregations(aggregations)?;
-        let (filter, per_row) = match self.read_plan(&coll, principal)? {
+        let filter = match self.read_plan(&coll, principal)? {
             ReadPlan::Nothing => {
                 return Ok(specs
                     .iter()
                     .map(|(name, agg)| (name.clone(), agg.empty()))
                     .collect())
             }
-            ReadPlan::All => (where_, false),
-            ReadPlan::Filter(f) => (and(where_, Some(f)), false),
-            ReadPlan::PerRow(pre) => (and(where_, pre), true),
+            ReadPlan::All => where_,
+            ReadPlan::Filter(f) => and(where_, Some(f)),
+            // Checked row by row: the `where` applies in memory after the rule (see `read`).
+            ReadPlan::PerRow(pre) => {
+                let mut rows = Vec::new();
+                self.for_each_readable(
+                    &coll,
+                    principal,
+                    collection,
+                    pre.as_ref(),
+                    where_.as_ref(),
+                    |r| rows.push(document_json(r)),
+                )
+                .await?;
+                return Ok(specs
+                    .iter()
+                    .map(|(name, agg)| (name.clone(), agg.compute(&rows)))
+                    .collect());
+            }
         };
         let mut out = Map::new();
-        if per_row {
-            let mut rows = Vec::new();
-            self.for_each_readable(&coll, principal, collection, filter.as_ref(), true, |r| {
-                rows.push(document_json(r))
-            })
-            .await?;
-            for (name, agg) in &specs {
-                out.insert(name.clone(), agg.compute(&rows));
-            }
-            return Ok(out);
-        }
         let order: Vec<Order> = vec![Order {
             field: Field::Id,
             direction: Direction::Asc,

@@ -2,9 +2,10 @@
 //! data the caller may not read.
 //!
 //! A cursor is sealed with XChaCha20-Poly1305 under a server secret kept in the database (so
-//! every node of a deployment opens every other node's cursors), with the collection and the
-//! query's order as associated data: a client can neither read one nor forge or alter one, and
-//! a cursor of one query is refused by another.
+//! every node of a deployment opens every other node's cursors), with the query's scope (its
+//! collection, its `where`, the caller) and its order as associated data: a client can
+//! neither read one nor forge or alter one, and a cursor of one query, or of one caller, is
+//! refused by another.
 //!
 //! What is sealed is one of two things:
 //! - **a position**: the `order_by` values and id of the last document *returned* — data the
@@ -63,7 +64,7 @@ impl CursorSeal {
         })
     }
 
-    pub fn seal(&self, collection: &str, order: &[Order], resume: &Resume) -> String {
+    pub fn seal(&self, scope: &str, order: &[Order], resume: &Resume) -> String {
         let plain = match resume {
             Resume::After(c) => json!({"p": position_json(c)}),
             Resume::Anchor {
@@ -78,7 +79,7 @@ impl CursorSeal {
         }
         .to_string();
         let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
-        let aad = associated_data(collection, order);
+        let aad = associated_data(scope, order);
         let sealed = self
             .cipher
             .encrypt(
@@ -94,7 +95,7 @@ impl CursorSeal {
         URL_SAFE_NO_PAD.encode(out)
     }
 
-    pub fn open(&self, raw: &str, collection: &str, order: &[Order]) -> Result<Resume, ApiError> {
+    pub fn open(&self, raw: &str, scope: &str, order: &[Order]) -> Result<Resume, ApiError> {
         let bad = || {
             ApiError::invalid_with(
                 "start_after is not a cursor of this query",
@@ -110,7 +111,7 @@ impl CursorSeal {
         }
         let (nonce, sealed) = bytes.split_at(NONCE_LEN);
         let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| bad())?;
-        let aad = associated_data(collection, order);
+        let aad = associated_data(scope, order);
         let plain = self
             .cipher
             .decrypt(
@@ -146,8 +147,8 @@ impl CursorSeal {
     }
 }
 
-/// Binds a cursor to its collection and order: `collection|field:dir,…`.
-fn associated_data(collection: &str, order: &[Order]) -> String {
+/// Binds a cursor to its scope and order: `scope|field:dir,…`.
+fn associated_data(scope: &str, order: &[Order]) -> String {
     let order: Vec<String> = order
         .iter()
         .map(|o| {
@@ -158,7 +159,7 @@ fn associated_data(collection: &str, order: &[Order]) -> String {
             format!("{}:{dir}", o.field.name())
         })
         .collect();
-    format!("basalt-cursor-1|{collection}|{}", order.join(","))
+    format!("basalt-cursor-1|{scope}|{}", order.join(","))
 }
 
 /// `{"v": [[value] | [] per order field], "id": id}`; `[]` stands for a missing field.

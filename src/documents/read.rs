@@ -42,7 +42,10 @@ impl DocumentService {
         let principal = &Principal::from(caller);
         let coll = self.collection(collection).await?;
         let plan = self.read_plan(&coll, principal)?;
-        let (filter, per_row) = match plan {
+        // With a rule checked row by row, the request's `where` is applied in memory to rows
+        // the rule admits, never in SQL: which rows a request examines (and so where the
+        // row budget cuts a page) must not depend on what the caller cannot read.
+        let (filter, per_row, matching) = match plan {
             ReadPlan::Nothing => {
                 return Ok(QueryResult {
                     documents: vec![],
@@ -50,14 +53,18 @@ impl DocumentService {
                     count: query.count.then_some(0),
                 })
             }
-            ReadPlan::All => (query.filter.clone(), false),
-            ReadPlan::Filter(f) => (and(query.filter.clone(), Some(f)), false),
-            ReadPlan::PerRow(pre) => (and(query.filter.clone(), pre), true),
+            ReadPlan::All => (query.filter.clone(), false, None),
+            ReadPlan::Filter(f) => (and(query.filter.clone(), Some(f)), false, None),
+            ReadPlan::PerRow(pre) => {
+                refuse_hidden_order(&query.order)?;
+                (pre, true, query.filter.clone())
+            }
         };
+        let scope = cursor_scope(collection, principal, query.filter.as_ref());
         let resume = query
             .start_after
             .as_deref()
-            .map(|token| self.cursors.open(token, collection, &query.order))
+            .map(|token| self.cursors.open(token, &scope, &query.order))
             .transpose()?;
         // Where the scan starts, and the last position the caller was shown (what a later
         // cursor may fall back on without carrying anything the caller cannot read).
@@ -108,9 +115,12 @@ impl DocumentService {
                 examined += 1;
                 after = Some(cursor_of(&query.order, &row));
                 let keep = !per_row
-                    || self
+                    || (self
                         .may_read(&coll.read, principal, "list", Some(&row), &mut lookups)
-                        .await;
+                        .await
+                        && matching
+                            .as_ref()
+                            .is_none_or(|f| query::matches(f, &document_json(&row))));
                 if keep {
                     kept.push(row.clone());
                 }
@@ -129,7 +139,7 @@ impl DocumentService {
         }
         let more = kept.len() > query.limit as usize;
         kept.truncate(query.limit as usize);
-        let seal = |resume: Resume| self.cursors.seal(collection, &query.order, &resume);
+        let seal = |resume: Resume| self.cursors.seal(&scope, &query.order, &resume);
         let next_cursor = match (&last_examined, kept.last()) {
             _ if more => kept
                 .last()
@@ -152,8 +162,14 @@ impl DocumentService {
         };
         let count = if query.count {
             Some(if per_row {
-                self.count_per_row(&coll, principal, collection, filter.as_ref())
-                    .await?
+                self.count_per_row(
+                    &coll,
+                    principal,
+                    collection,
+                    filter.as_ref(),
+                    matching.as_ref(),
+                )
+                .await?
             } else {
                 self.store
                     .count_documents(&Scan {
@@ -188,14 +204,15 @@ impl DocumentService {
         })
     }
 
-    /// Visits every document a filter matches that the caller may read, in batches.
+    /// Visits, in batches, every document `filter` (SQL) finds that the caller may read and
+    /// that `matching` (the request's `where`, applied in memory after the rule) matches.
     pub(super) async fn for_each_readable(
         &self,
         coll: &Collection,
         principal: &Principal,
         collection: &str,
         filter: Option<&Filter>,
-        per_row: bool,
+        matching: Option<&Filter>,
         mut visit: impl FnMut(&DocumentRow),
     ) -> ApiResult<()> {
         let order = [Order {
@@ -219,10 +236,10 @@ impl DocumentService {
                 })
                 .await?;
             for row in &rows {
-                if !per_row
-                    || self
-                        .may_read(&coll.read, principal, "list", Some(row), &mut lookups)
-                        .await
+                if self
+                    .may_read(&coll.read, principal, "list", Some(row), &mut lookups)
+                    .await
+                    && matching.is_none_or(|f| query::matches(f, &document_json(row)))
                 {
                     visit(row);
                 }
@@ -240,9 +257,10 @@ impl DocumentService {
         principal: &Principal,
         collection: &str,
         filter: Option<&Filter>,
+        matching: Option<&Filter>,
     ) -> ApiResult<u64> {
         let mut n = 0u64;
-        self.for_each_readable(coll, principal, collection, filter, true, |_| n += 1)
+        self.for_each_readable(coll, principal, collection, filter, matching, |_| n += 1)
             .await?;
         Ok(n)
     }
@@ -291,4 +309,31 @@ fn project(data: &Value, select: &[Field]) -> Value {
         }
     }
     out
+}
+
+/// What a cursor is bound to besides its order: the collection, the caller and the `where`.
+fn cursor_scope(collection: &str, principal: &Principal, filter: Option<&Filter>) -> String {
+    use sha2::{Digest, Sha256};
+    let caller = match principal {
+        Principal::Privileged => "*".to_string(),
+        Principal::Anonymous => "-".to_string(),
+        Principal::User(auth) => format!("u:{}", auth.uid),
+    };
+    let filter = hex::encode(&Sha256::digest(format!("{filter:?}").as_bytes())[..12]);
+    format!("{collection}|{caller}|{filter}")
+}
+
+/// Under a rule checked row by row, the scan's order decides which rows a page examines
+/// before the row budget cuts it; ordering by data fields would let the cut reveal how the
+/// values of documents the caller cannot read compare with those it can.
+fn refuse_hidden_order(order: &[Order]) -> ApiResult<()> {
+    if order.iter().any(|o| matches!(o.field, Field::Data(_))) {
+        return Err(ApiError::invalid_with(
+            "this collection's read rule is checked document by document, so queries can order \
+             only by $id, $created_at or $updated_at (a rule that becomes a filter, see \
+             docs/rules.md, lifts this)",
+            json!({"field": "order_by"}),
+        ));
+    }
+    Ok(())
 }

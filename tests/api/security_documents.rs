@@ -16,6 +16,7 @@ store_tests!(
     a_reader_still_learns_not_found_conflict_and_version,
     cursors_are_opaque_bound_to_their_query_and_tamper_proof,
     a_cursor_cut_by_the_row_budget_carries_nothing_unreadable_and_loses_nothing,
+    the_row_budget_answers_alike_whatever_hidden_rows_hold,
     rule_lookups_in_parallel_batches_neither_starve_the_pool_nor_deny_wrongly,
     rule_lookups_in_a_batch_see_its_earlier_writes,
     out_of_range_times_are_a_bad_request_not_a_dropped_connection,
@@ -462,7 +463,7 @@ async fn a_cursor_cut_by_the_row_budget_carries_nothing_unreadable_and_loses_not
     let mut cursor: Option<String> = None;
     let mut pages = 0;
     loop {
-        let mut body = json!({"limit": 2, "order_by": [["secret", "asc"]]});
+        let mut body = json!({"limit": 2});
         if let Some(c) = &cursor {
             body["start_after"] = json!(c);
         }
@@ -760,4 +761,95 @@ async fn hostile_schemas_are_refused_or_harmless(backend: Backend) {
         .await
         .assert_error(400, "invalid_argument");
     assert_eq!(app.get("/health", None).await.status, 200);
+}
+
+/// Issue 6, round 2: with a rule checked row by row, a `where` on fields the caller cannot
+/// read used to decide which rows counted against the 5,000-row budget, so whether a page
+/// came back with a cursor told whether a hidden row matched. Now the `where` applies after
+/// the rule, and ordering by data fields is refused there.
+async fn the_row_budget_answers_alike_whatever_hidden_rows_hold(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let admin = app.admin_token().await;
+    admin_collection(
+        &app,
+        &admin,
+        "notes",
+        json!({"rules": {
+            "read": "resource.data.public == true || exists('acl', resource.id + '_' + (auth == null ? '' : auth.uid))",
+            "create": "auth != null && request.data.owner == auth.uid"}}),
+    )
+    .await;
+    admin_collection(&app, &admin, "acl", json!({"rules": {}})).await;
+    let (victim, victim_token, _) = app.user("victim@example.com").await;
+    app.post(
+        "/v1/db/notes",
+        Some(&victim_token),
+        json!({"id": "victim-diary", "data": {"owner": victim, "public": false, "pin": 8413}}),
+    )
+    .await
+    .assert_ok();
+    // The attacker's own private filler, enough to spend the budget.
+    let (attacker, attacker_token, _) = app.user("attacker@example.com").await;
+    for chunk in 0..10 {
+        let writes: Vec<Value> = (0..500)
+            .map(|k| json!({"op": "create", "collection": "notes", "id": format!("f{chunk}-{k:03}"),
+                            "data": {"owner": attacker, "public": false, "filler": true}}))
+            .collect();
+        app.post("/v1/db/_batch", Some(&attacker_token), json!({"writes": writes}))
+            .await
+            .assert_ok();
+    }
+    let probe = |n: i64| {
+        json!({"limit": 1, "where": {"or": [["filler", "==", true],
+            {"and": [["$id", "==", "victim-diary"], ["pin", ">", n]]}]}})
+    };
+    // A pin below and above the truth: the answers (documents, whether a cursor comes) match.
+    let shape = |r: &Reply| {
+        (
+            r.status.as_u16(),
+            r.body["documents"].clone(),
+            r.body["next_cursor"].is_null(),
+        )
+    };
+    let low = app.post("/v1/db/notes/_query", None, probe(1)).await;
+    let high = app.post("/v1/db/notes/_query", None, probe(99_999)).await;
+    assert_eq!(shape(&low), shape(&high), "{} / {}", low.text, high.text);
+    assert_eq!(low.body["documents"], json!([]));
+    // Counting and aggregating answer only for what the caller may read.
+    for n in [1, 99_999] {
+        let mut body = probe(n);
+        body["count"] = json!(true);
+        body.as_object_mut().unwrap().remove("limit");
+        let count = app.post("/v1/db/notes/_query", None, body).await;
+        assert_eq!(count.assert_ok()["count"], 0);
+    }
+    // Ordering by a data field would let the cut compare hidden values: refused.
+    let ordered = app
+        .post(
+            "/v1/db/notes/_query",
+            None,
+            json!({"order_by": [["pin", "asc"]]}),
+        )
+        .await;
+    let message = ordered.assert_error(400, "invalid_argument");
+    assert!(message.contains("$created_at"), "{message}");
+    // A cursor is the caller's own: another caller cannot continue it.
+    let page = app
+        .post("/v1/db/notes/_query", Some(&attacker_token), json!({"limit": 1}))
+        .await;
+    let cursor = page.assert_ok()["next_cursor"].as_str().unwrap().to_string();
+    app.post(
+        "/v1/db/notes/_query",
+        None,
+        json!({"limit": 1, "start_after": cursor}),
+    )
+    .await
+    .assert_error(400, "invalid_argument");
+    app.post(
+        "/v1/db/notes/_query",
+        Some(&attacker_token),
+        json!({"limit": 1, "start_after": cursor}),
+    )
+    .await
+    .assert_ok();
 }
