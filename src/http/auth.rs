@@ -178,12 +178,21 @@ async fn get_user(
 /// account has a password) or `data`. A new password ends every other session of the user;
 /// this one stays. Giving an anonymous user an email and password upgrades the account.
 #[utoipa::path(patch, path = "/user", tag = "auth", request_body = UserUpdate,
-    responses((status = 200, body = User), (status = 400), (status = 401), (status = 403), (status = 409)))]
+    responses((status = 200, body = User), (status = 400), (status = 401), (status = 403), (status = 409), (status = 429)))]
 async fn update_user(
     State(state): State<AppState>,
     AuthUser(claims): AuthUser,
+    client: Client,
     Json(update): Json<UserUpdate>,
 ) -> ApiResult<axum::Json<User>> {
+    // Checking `current_password`, hashing a new one and finding an email taken are what
+    // sign-in limits guard against (guessing, argon2 load, account enumeration): the same
+    // per-IP and per-account limits apply, the account being the current email, else the
+    // one asked for.
+    if update.password.is_some() || update.current_password.is_some() || update.email.is_some() {
+        let account = claims.email.as_deref().or(update.email.as_deref());
+        state.auth_limits.check(client.ip, account)?;
+    }
     let user = state
         .auth
         .update_own(&claims.sub, &claims.session_id, update)

@@ -23,6 +23,7 @@ store_tests!(
     an_admin_password_reset_ends_every_session,
     sessions_signed_in_with_the_old_password_end_with_a_concurrent_password_change,
     changing_the_email_needs_the_current_password,
+    current_password_guesses_are_rate_limited_like_sign_ins,
     junk_emails_get_no_account_bucket_and_count_against_the_ip,
     ipv6_and_ipv4_mapped_clients_get_their_own_ip_buckets,
     a_setup_request_that_fails_validation_leaves_the_token_usable,
@@ -762,4 +763,38 @@ async fn a_token_is_refused_in_its_expiry_second(backend: Backend) {
     app.get("/v1/auth/user", Some(&user_valid))
         .await
         .assert_error(401, "unauthenticated");
+}
+
+/// Hostile-client round 2: `PATCH /v1/auth/user` checked `current_password` (and hashed new
+/// passwords) with no limit, so a stolen access token could guess the password 30 times a
+/// second, and an anonymous account could probe which emails are taken.
+async fn current_password_guesses_are_rate_limited_like_sign_ins(backend: Backend) {
+    let app = spawn_app_with(backend, |c| {
+        c.rate_limit.enabled = true;
+        c.rate_limit.auth_per_ip_per_minute = 1000;
+        c.rate_limit.auth_per_account_per_minute = 5;
+    })
+    .await;
+    let (_, token, _) = app.user("guessed@example.com").await;
+    let mut statuses = Vec::new();
+    for i in 0..8 {
+        let reply = app
+            .patch(
+                "/v1/auth/user",
+                Some(&token),
+                json!({"password": "a new password 1", "current_password": format!("guess {i}")}),
+            )
+            .await;
+        statuses.push(reply.status.as_u16());
+    }
+    assert!(statuses.contains(&429), "{statuses:?}");
+    let first_limited = statuses.iter().position(|s| *s == 429).unwrap();
+    assert!(
+        statuses[..first_limited].iter().all(|s| *s == 400),
+        "{statuses:?}"
+    );
+    // Profile data alone is not a password check and stays unlimited.
+    app.patch("/v1/auth/user", Some(&token), json!({"data": {"n": 1}}))
+        .await
+        .assert_ok();
 }

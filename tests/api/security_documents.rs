@@ -792,12 +792,18 @@ async fn the_row_budget_answers_alike_whatever_hidden_rows_hold(backend: Backend
     let (attacker, attacker_token, _) = app.user("attacker@example.com").await;
     for chunk in 0..10 {
         let writes: Vec<Value> = (0..500)
-            .map(|k| json!({"op": "create", "collection": "notes", "id": format!("f{chunk}-{k:03}"),
-                            "data": {"owner": attacker, "public": false, "filler": true}}))
+            .map(|k| {
+                json!({"op": "create", "collection": "notes", "id": format!("f{chunk}-{k:03}"),
+                            "data": {"owner": attacker, "public": false, "filler": true}})
+            })
             .collect();
-        app.post("/v1/db/_batch", Some(&attacker_token), json!({"writes": writes}))
-            .await
-            .assert_ok();
+        app.post(
+            "/v1/db/_batch",
+            Some(&attacker_token),
+            json!({"writes": writes}),
+        )
+        .await
+        .assert_ok();
     }
     let probe = |n: i64| {
         json!({"limit": 1, "where": {"or": [["filler", "==", true],
@@ -835,9 +841,16 @@ async fn the_row_budget_answers_alike_whatever_hidden_rows_hold(backend: Backend
     assert!(message.contains("$created_at"), "{message}");
     // A cursor is the caller's own: another caller cannot continue it.
     let page = app
-        .post("/v1/db/notes/_query", Some(&attacker_token), json!({"limit": 1}))
+        .post(
+            "/v1/db/notes/_query",
+            Some(&attacker_token),
+            json!({"limit": 1}),
+        )
         .await;
-    let cursor = page.assert_ok()["next_cursor"].as_str().unwrap().to_string();
+    let cursor = page.assert_ok()["next_cursor"]
+        .as_str()
+        .unwrap()
+        .to_string();
     app.post(
         "/v1/db/notes/_query",
         None,
