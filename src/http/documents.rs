@@ -17,7 +17,7 @@ use crate::documents::{
 };
 use crate::error::{ApiError, ApiResult};
 use crate::http::extract::{AdminCaller, Caller, Json};
-use crate::query::{parse_where, Query, QueryRequest};
+use crate::query::{parse_request_where, Query, QueryRequest};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -255,7 +255,7 @@ async fn aggregate_documents(
     Json(body): Json<AggregateRequest>,
 ) -> ApiResult<axum::Json<Map<String, Value>>> {
     let filter = match &body.where_ {
-        Some(w) => parse_where(w)?,
+        Some(w) => parse_request_where(w)?,
         None => None,
     };
     Ok(axum::Json(

@@ -17,6 +17,7 @@ store_tests!(
     cursors_are_opaque_bound_to_their_query_and_tamper_proof,
     a_cursor_cut_by_the_row_budget_carries_nothing_unreadable_and_loses_nothing,
     the_row_budget_answers_alike_whatever_hidden_rows_hold,
+    a_where_with_thousands_of_values_is_refused,
     rule_lookups_in_parallel_batches_neither_starve_the_pool_nor_deny_wrongly,
     rule_lookups_in_a_batch_see_its_earlier_writes,
     out_of_range_times_are_a_bad_request_not_a_dropped_connection,
@@ -865,4 +866,32 @@ async fn the_row_budget_answers_alike_whatever_hidden_rows_hold(backend: Backend
     )
     .await
     .assert_ok();
+}
+
+/// Hostile-client round 2: 100 `in` clauses of 100 values each, ORed, took 30-60 s per query
+/// on SQLite, and eight of them held every pooled read connection.
+async fn a_where_with_thousands_of_values_is_refused(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let admin = app.admin_token().await;
+    admin_collection(&app, &admin, "pub", json!({"rules": {"read": "true"}})).await;
+    let values: Vec<i64> = (0..100).collect();
+    let clauses: Vec<Value> = (0..100)
+        .map(|f| json!([format!("f{f}"), "in", values]))
+        .collect();
+    for path in ["/v1/db/pub/_query", "/v1/db/pub/_aggregate"] {
+        let mut body = json!({"where": {"or": clauses}});
+        if path.ends_with("_aggregate") {
+            body["aggregations"] = json!({"n": {"count": {}}});
+        }
+        let reply = app.post(path, None, body).await;
+        let message = reply.assert_error(400, "invalid_argument");
+        assert!(message.contains("500 values"), "{message}");
+    }
+    // Within the bound it runs.
+    let small: Vec<Value> = (0..5)
+        .map(|f| json!([format!("f{f}"), "in", values]))
+        .collect();
+    app.post("/v1/db/pub/_query", None, json!({"where": {"or": small}}))
+        .await
+        .assert_ok();
 }

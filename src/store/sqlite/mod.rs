@@ -21,7 +21,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -47,6 +47,15 @@ const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../../../migrations/sqlite/0003_events.sql"),
     ),
 ];
+
+/// The longest a read on the pool may run before it is stopped (answered 400).
+const READ_TIME_LIMIT: Duration = Duration::from_secs(5);
+
+thread_local! {
+    /// When the read running on this thread must stop (checked by the read connections'
+    /// progress handler); `None` outside `SqliteStore::read`.
+    static READ_DEADLINE: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+}
 
 /// The most writes one group commit carries.
 const MAX_GROUP: usize = 128;
@@ -106,6 +115,12 @@ impl SqliteStore {
         .await??;
         let manager = SqliteConnectionManager::file(&path).with_init(|c| {
             configure(c)?;
+            // Stops a read that runs past its deadline (see `read`): one costly query must
+            // not hold a pooled connection, and the requests queued behind it, for minutes.
+            c.progress_handler(
+                10_000,
+                Some(|| READ_DEADLINE.with(|d| d.get().is_some_and(|t| Instant::now() > t))),
+            );
             c.execute_batch("PRAGMA query_only = ON;")
         });
         let readers = r2d2::Pool::builder()
@@ -228,7 +243,10 @@ impl SqliteStore {
             let conn = pool
                 .get()
                 .map_err(|e| StoreError::Unavailable(anyhow::anyhow!(e)))?;
-            f(&conn)
+            READ_DEADLINE.with(|d| d.set(Some(Instant::now() + READ_TIME_LIMIT)));
+            let result = f(&conn);
+            READ_DEADLINE.with(|d| d.set(None));
+            result
         })
         .await
         .map_err(StoreError::internal)?
@@ -338,6 +356,13 @@ pub(crate) fn map_err(err: rusqlite::Error) -> StoreError {
                 }
                 return StoreError::Conflict(message);
             }
+            ErrorCode::OperationInterrupted => {
+                return StoreError::InvalidInput(format!(
+                    "the query ran longer than {} s and was stopped; narrow its where, or \
+                     declare an index on the fields it filters",
+                    READ_TIME_LIMIT.as_secs()
+                ))
+            }
             ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked | ErrorCode::CannotOpen => {
                 return StoreError::Unavailable(err.into())
             }
@@ -383,6 +408,39 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_past_its_time_limit_is_stopped_and_the_connection_serves_on() {
+        let (_dir, store) = store().await;
+        let started = Instant::now();
+        let endless = store
+            .read(|c| {
+                c.query_row(
+                    "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n)
+                     SELECT count(*) FROM n",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+                .map_err(map_err)
+            })
+            .await;
+        assert!(
+            matches!(&endless, Err(StoreError::InvalidInput(m)) if m.contains("longer than")),
+            "{endless:?}"
+        );
+        assert!(started.elapsed() < READ_TIME_LIMIT * 3);
+        // Every pooled connection still answers (the deadline was cleared).
+        for _ in 0..4 {
+            let one = store
+                .read(|c| {
+                    c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
+                        .map_err(map_err)
+                })
+                .await
+                .unwrap();
+            assert_eq!(one, 1);
+        }
+    }
 
     async fn store() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
