@@ -107,6 +107,10 @@ fn root_context() -> Context<'static, 'static> {
             Ok(Value::Bool(doc.is_some()))
         },
     );
+    let tick = ctx.add_function(super::budget::TICK, super::budget::tick);
+    if let Err(error) = tick {
+        tracing::error!(%error, "rule time budget not registered");
+    }
     // Only a standard-library overload of the same name could refuse them (a unit test pins
     // that none exists); rules using them would then fail, hence deny.
     for (name, added) in [("get", get), ("exists", exists)] {

@@ -41,6 +41,7 @@
 //! which always exist with one type; `$created_at`/`$updated_at` values are RFC 3339 UTC
 //! strings compared as times.
 
+pub mod budget;
 mod check;
 #[cfg(test)]
 mod conformance;
@@ -75,7 +76,10 @@ pub struct Rule {
 
 struct Compiled {
     source: String,
+    /// The rule as parsed, for pushdown and [`Rule::constant`].
     expr: IdedExpr,
+    /// The same, with the per-iteration [`budget`] checks in its loops, for evaluation.
+    program: IdedExpr,
 }
 
 impl fmt::Debug for Rule {
@@ -110,6 +114,8 @@ pub enum RuleEvalError {
     TooManyLookups { limit: usize },
     #[error("get()/exists() failed: {0}")]
     Lookup(String),
+    #[error("rule evaluation ran out of time")]
+    OutOfTime,
 }
 
 /// The signed-in caller as rules see it (`auth`); `None` in [`RuleInput`] is CEL `null`.
@@ -179,10 +185,13 @@ impl Rule {
         }
         let expr = parse(source)?;
         check::validate(&expr, source)?;
+        let mut program = expr.clone();
+        budget::instrument(&mut program);
         Ok(Rule {
             inner: Arc::new(Compiled {
                 source: source.to_string(),
                 expr,
+                program,
             }),
         })
     }
@@ -219,19 +228,24 @@ impl Rule {
             return Ok(Evaluation::Decided(false));
         }
         let cache = Arc::new(Mutex::new(eval::LookupCache::with_documents(fetched)));
-        let (outcome, misses) = eval::with_context(cache.clone(), |ctx| {
-            ctx.add_variable_from_value("auth", value::auth_to_cel(input.auth.as_ref()));
-            ctx.add_variable_from_value(
-                "resource",
-                input
-                    .resource
-                    .as_ref()
-                    .map(value::document_to_cel)
-                    .unwrap_or(Value::Null),
-            );
-            ctx.add_variable_from_value("request", value::request_to_cel(&input.request));
-            eval::evaluate_once(&self.inner.expr, ctx, &cache)
+        let ((outcome, misses), out_of_time) = budget::evaluation(|| {
+            eval::with_context(cache.clone(), |ctx| {
+                ctx.add_variable_from_value("auth", value::auth_to_cel(input.auth.as_ref()));
+                ctx.add_variable_from_value(
+                    "resource",
+                    input
+                        .resource
+                        .as_ref()
+                        .map(value::document_to_cel)
+                        .unwrap_or(Value::Null),
+                );
+                ctx.add_variable_from_value("request", value::request_to_cel(&input.request));
+                eval::evaluate_once(&self.inner.program, ctx, &cache)
+            })
         });
+        if out_of_time {
+            return Err(RuleEvalError::OutOfTime);
+        }
         // A result that is known despite a miss (`get(..) == x || true`) does not depend on it.
         if outcome.is_err() && !misses.is_empty() {
             if fetched.len() + misses.len() > MAX_LOOKUPS {

@@ -50,7 +50,7 @@ pub(super) fn read_input(auth: Option<AuthInfo>, resource: Json) -> RuleInput {
     }
 }
 
-fn create_input(auth: Option<AuthInfo>, data: Json) -> RuleInput {
+pub(super) fn create_input(auth: Option<AuthInfo>, data: Json) -> RuleInput {
     RuleInput {
         auth,
         resource: None,

@@ -21,6 +21,7 @@ store_tests!(
     a_double_negated_false_read_rule_lets_no_one_read,
     double_negation_keeps_its_meaning_in_reads_queries_and_writes,
     bad_rules_leave_no_panic_on_stderr,
+    a_rule_that_loops_for_hours_over_a_clients_data_is_stopped_and_denies,
 );
 
 /// Ways of writing a rule `n` levels deep, as a hostile admin would.
@@ -455,4 +456,90 @@ async fn fresh_postgres_database() -> String {
         .unwrap();
     let (prefix, _) = base.rsplit_once('/').unwrap();
     format!("{prefix}/{name}")
+}
+
+/// A rule with loops in loops is quadratic (or worse) in the data a client sends: without a
+/// budget, 1000 numbers kept a request — and on SQLite every other write — busy for hours.
+/// Each evaluation has a time budget; past it the rule denies, whatever the expression.
+async fn a_rule_that_loops_for_hours_over_a_clients_data_is_stopped_and_denies(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let admin = app.admin_token().await;
+    let (uid, user, _) = app.user("u@example.com").await;
+    let cubic =
+        "request.data.xs.all(a, request.data.xs.all(b, request.data.xs.all(c, a + b + c >= 0)))";
+    let stored = "resource.data.xs.exists(a, resource.data.xs.exists(b, resource.data.xs.exists(c, a + b + c < 0)))";
+    admin_collection(
+        &app,
+        &admin,
+        "slow",
+        json!({"rules": {
+            "create": format!("request.data.small == true || {cubic} || request.data.absorbs == true"),
+            "update": format!("{cubic} || true"),
+            "read": format!("resource.data.small == true || !({stored})"),
+        }}),
+    )
+    .await;
+    let xs: Vec<i64> = (0..1000).collect();
+    // Writes: denied, also when the expression would absorb the error (`|| true`).
+    for data in [json!({"xs": xs}), json!({"xs": xs, "absorbs": true})] {
+        app.post("/v1/db/slow", Some(&user), json!({"data": data}))
+            .await
+            .assert_error(403, "permission_denied");
+    }
+    // The same rule with little data is an ordinary rule.
+    app.post(
+        "/v1/db/slow",
+        Some(&user),
+        json!({"id": "ok", "data": {"xs": [1, 2, 3]}}),
+    )
+    .await
+    .assert_ok();
+    app.post(
+        "/v1/db/slow",
+        Some(&user),
+        json!({"id": "tiny", "data": {"small": true, "owner": uid}}),
+    )
+    .await
+    .assert_ok();
+    // A batch of such writes is refused as a whole, and the writer serves on.
+    let batch: Vec<Value> = (0..5)
+        .map(|i| json!({"op": "create", "collection": "slow", "id": format!("b{i}"), "data": {"xs": xs}}))
+        .collect();
+    let reply = app
+        .post("/v1/db/_batch", Some(&user), json!({"writes": batch}))
+        .await;
+    assert_eq!(reply.status, 403, "{}", reply.body);
+    app.patch(
+        "/v1/db/slow/ok",
+        Some(&user),
+        json!({"data": {"xs": [4, 5]}}),
+    )
+    .await
+    .assert_ok();
+    // Reads: a stored document that makes the read rule slow is not readable, by id or in a
+    // list; the others are.
+    app.post(
+        "/v1/db/slow",
+        Some(&admin),
+        json!({"id": "big", "data": {"xs": xs}}),
+    )
+    .await
+    .assert_ok();
+    app.get("/v1/db/slow/big", Some(&user))
+        .await
+        .assert_error(403, "permission_denied");
+    app.get("/v1/db/slow/ok", Some(&user)).await.assert_ok();
+    let page = app
+        .post("/v1/db/slow/_query", Some(&user), json!({"count": true}))
+        .await;
+    let body = page.assert_ok();
+    let mut ids: Vec<&str> = body["documents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["ok", "tiny"], "{body}");
+    assert_eq!(body["count"], 2, "{body}");
 }

@@ -1,0 +1,386 @@
+//! A time budget for evaluating one rule, so no rule and no document can hold a thread (on
+//! SQLite, the one writer) for long.
+//!
+//! Without comprehensions a rule's cost is linear in its size and in the data it reads, and
+//! both are bounded. The macros (`all`, `exists`, `exists_one`, `map`, `filter`) are loops,
+//! and a loop inside a loop over a list a client sent — or `x in list` inside one — is
+//! quadratic in the client's data: a hostile document of a few hundred kilobytes made such a
+//! rule run for seconds. The `cel` interpreter has no budget of its own, so [`instrument`]
+//! rewrites each compiled comprehension to call [`TICK`] once per iteration, and the tick
+//! fails once the evaluation's deadline has passed. The failure propagates out of every loop
+//! at once (the interpreter does not defer errors from a loop's condition), and the caller
+//! denies whatever the expression would have made of the error ([`evaluation`]).
+//!
+//! The deadline is [`RULE_TIME_LIMIT`] per evaluation, shortened by an outer [`within`]
+//! scope: a batch write on SQLite runs all its checks inside one, so a batch of many slow
+//! checks is bounded as a whole.
+
+use std::cell::Cell;
+use std::time::{Duration, Instant};
+
+use cel::common::ast::{operators, CallExpr, EntryExpr, Expr, IdedExpr, ListExpr};
+use cel::{ExecutionError, Value};
+
+/// Longest one rule evaluation may run. A typical rule takes a few microseconds; this is a
+/// few thousand times that, and still short enough that a stream of slow requests cannot
+/// starve the SQLite writer.
+pub const RULE_TIME_LIMIT: Duration = Duration::from_millis(50);
+
+/// Longest the checks of one write request (up to 500 writes in a batch) may run together
+/// where writes are serialised (SQLite's one writer).
+pub const WRITE_RULES_TIME_LIMIT: Duration = Duration::from_millis(250);
+
+/// The function the rewritten comprehensions call; not a name a rule can use (the checker
+/// admits only the documented functions).
+pub(crate) const TICK: &str = "@basalt_tick";
+
+thread_local! {
+    /// The deadline of the evaluation (or [`within`] scope) running on this thread.
+    static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+    /// Set when a tick found the deadline passed, so the caller denies even if the
+    /// expression absorbed the error (`slow() || true`).
+    static EXPIRED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with every rule evaluation inside it sharing one deadline `limit` from now (or
+/// an earlier one already in force).
+pub fn within<R>(limit: Duration, f: impl FnOnce() -> R) -> R {
+    let _scope = Scope::enter(limit);
+    f()
+}
+
+/// The guard form of [`within`]: the deadline holds until the scope is dropped.
+#[must_use = "the deadline holds only while the scope lives"]
+pub struct Scope(Option<Instant>);
+
+impl Scope {
+    pub fn enter(limit: Duration) -> Scope {
+        let outer = DEADLINE.get();
+        DEADLINE.set(Some(earliest(outer, Instant::now() + limit)));
+        Scope(outer)
+    }
+}
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        DEADLINE.set(self.0);
+    }
+}
+
+fn earliest(outer: Option<Instant>, own: Instant) -> Instant {
+    outer.map_or(own, |outer| outer.min(own))
+}
+
+/// Runs one evaluation under its deadline; the result and whether the deadline passed.
+pub(crate) fn evaluation<R>(f: impl FnOnce() -> R) -> (R, bool) {
+    let was_expired = EXPIRED.replace(false);
+    let result = within(RULE_TIME_LIMIT, f);
+    let expired = EXPIRED.replace(was_expired);
+    (result, expired)
+}
+
+/// The per-iteration check: passes its argument through, or fails once the deadline passed.
+pub(crate) fn tick(value: Value) -> Result<Value, ExecutionError> {
+    match DEADLINE.get() {
+        Some(deadline) if Instant::now() > deadline => {
+            EXPIRED.set(true);
+            Err(ExecutionError::function_error(
+                "rule",
+                "evaluation ran out of time",
+            ))
+        }
+        _ => Ok(value),
+    }
+}
+
+/// Rewrites every comprehension in `expr` to [`tick`] once per iteration.
+///
+/// Where the tick goes matters: the interpreter builds `map`/`filter` results in place only
+/// when the loop condition is a literal and the step is `acc + [e]` or `g ? acc + [e] : acc`,
+/// so those keep their shape and tick inside `g` or `e`; every other comprehension ticks in
+/// its loop condition, whose errors the interpreter never absorbs.
+pub(crate) fn instrument(expr: &mut IdedExpr) {
+    let mut next_id = max_id(expr) + 1;
+    rewrite(expr, &mut next_id);
+}
+
+fn max_id(expr: &IdedExpr) -> u64 {
+    let mut max = expr.id;
+    for child in children(expr) {
+        max = max.max(max_id(child));
+    }
+    max
+}
+
+fn children(expr: &IdedExpr) -> Vec<&IdedExpr> {
+    match &expr.expr {
+        Expr::Call(call) => call
+            .target
+            .as_deref()
+            .into_iter()
+            .chain(&call.args)
+            .collect(),
+        Expr::Comprehension(c) => vec![
+            &c.iter_range,
+            &c.accu_init,
+            &c.loop_cond,
+            &c.loop_step,
+            &c.result,
+        ],
+        Expr::List(list) => list.elements.iter().collect(),
+        Expr::Map(map) => map.entries.iter().flat_map(|e| entry(&e.expr)).collect(),
+        Expr::Struct(s) => s.entries.iter().flat_map(|e| entry(&e.expr)).collect(),
+        Expr::Select(select) => vec![&select.operand],
+        Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => Vec::new(),
+    }
+}
+
+fn entry(entry: &EntryExpr) -> Vec<&IdedExpr> {
+    match entry {
+        EntryExpr::MapEntry(e) => vec![&e.key, &e.value],
+        EntryExpr::StructField(f) => vec![&f.value],
+    }
+}
+
+fn rewrite(expr: &mut IdedExpr, next_id: &mut u64) {
+    match &mut expr.expr {
+        Expr::Call(call) => {
+            if let Some(target) = call.target.as_deref_mut() {
+                rewrite(target, next_id);
+            }
+            for arg in &mut call.args {
+                rewrite(arg, next_id);
+            }
+        }
+        Expr::Comprehension(c) => {
+            for part in [
+                &mut c.iter_range,
+                &mut c.accu_init,
+                &mut c.loop_cond,
+                &mut c.loop_step,
+                &mut c.result,
+            ] {
+                rewrite(part, next_id);
+            }
+            let accu = c.accu_var.clone();
+            let built_in_place = is_ident(&c.result, &accu)
+                && matches!(c.loop_cond.expr, Expr::Literal(_))
+                && append_target(&mut c.loop_step, &accu).is_some();
+            if built_in_place {
+                if let Some(target) = append_target(&mut c.loop_step, &accu) {
+                    wrap(target, next_id);
+                }
+            } else {
+                wrap(&mut c.loop_cond, next_id);
+            }
+        }
+        Expr::List(list) => {
+            for element in &mut list.elements {
+                rewrite(element, next_id);
+            }
+        }
+        Expr::Map(map) => {
+            for e in &mut map.entries {
+                rewrite_entry(&mut e.expr, next_id);
+            }
+        }
+        Expr::Struct(s) => {
+            for e in &mut s.entries {
+                rewrite_entry(&mut e.expr, next_id);
+            }
+        }
+        Expr::Select(select) => rewrite(&mut select.operand, next_id),
+        Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => {}
+    }
+}
+
+fn rewrite_entry(entry: &mut EntryExpr, next_id: &mut u64) {
+    match entry {
+        EntryExpr::MapEntry(e) => {
+            rewrite(&mut e.key, next_id);
+            rewrite(&mut e.value, next_id);
+        }
+        EntryExpr::StructField(f) => rewrite(&mut f.value, next_id),
+    }
+}
+
+fn is_ident(expr: &IdedExpr, name: &str) -> bool {
+    matches!(&expr.expr, Expr::Ident(n) if n == name)
+}
+
+/// In a step of the shape `acc + [e]` or `g ? acc + [e] : acc`, the expression evaluated on
+/// every iteration that can tick without changing the shape: `g`, or else `e`.
+fn append_target<'a>(step: &'a mut IdedExpr, accu: &str) -> Option<&'a mut IdedExpr> {
+    fn appended<'a>(step: &'a mut IdedExpr, accu: &str) -> Option<&'a mut ListExpr> {
+        match &mut step.expr {
+            Expr::Call(call) if call.func_name == operators::ADD && call.target.is_none() => {
+                match call.args.as_mut_slice() {
+                    [lhs, rhs] if is_ident(lhs, accu) => match &mut rhs.expr {
+                        Expr::List(list) => Some(list),
+                        _ => None,
+                    },
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    }
+    let guarded = matches!(&step.expr, Expr::Call(call)
+        if call.func_name == operators::CONDITIONAL && call.target.is_none() && call.args.len() == 3
+            && is_ident(&call.args[2], accu));
+    if guarded {
+        let Expr::Call(call) = &mut step.expr else {
+            return None;
+        };
+        let [guard, then, _] = call.args.as_mut_slice() else {
+            return None;
+        };
+        appended(then, accu)?;
+        return Some(guard);
+    }
+    appended(step, accu)?.elements.first_mut()
+}
+
+fn wrap(expr: &mut IdedExpr, next_id: &mut u64) {
+    let inner = std::mem::take(expr);
+    *expr = IdedExpr {
+        id: *next_id,
+        expr: Expr::Call(CallExpr {
+            func_name: TICK.to_string(),
+            target: None,
+            args: vec![inner],
+        }),
+    };
+    *next_id += 1;
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::super::tests::{create_input, user};
+    use super::super::{Rule, RuleEvalError};
+    use super::*;
+
+    fn numbers(n: usize) -> serde_json::Value {
+        json!({ "xs": (0..n).collect::<Vec<_>>() })
+    }
+
+    fn run(rule: &str, data: serde_json::Value) -> Result<bool, RuleEvalError> {
+        let rule = Rule::compile(rule).unwrap();
+        rule.evaluate(
+            &create_input(Some(user("u1")), data),
+            &super::super::NoLookup,
+        )
+    }
+
+    #[test]
+    fn a_rule_that_would_loop_for_hours_is_stopped_and_denies() {
+        // 1000^3 iterations: hours without the budget.
+        let slow = "request.data.xs.all(a, request.data.xs.all(b, request.data.xs.all(c, a + b + c >= 0)))";
+        assert_eq!(run(slow, numbers(1000)), Err(RuleEvalError::OutOfTime));
+        // An expression that would absorb the error still denies.
+        let absorbed = format!("{slow} || true");
+        assert_eq!(run(&absorbed, numbers(1000)), Err(RuleEvalError::OutOfTime));
+        // Every macro is a loop that is checked, also `x in list` inside one.
+        for slow in [
+            "request.data.xs.exists(a, request.data.xs.exists(b, request.data.xs.exists(c, a + b + c < 0)))",
+            "request.data.xs.filter(a, request.data.xs.filter(b, request.data.xs.exists_one(c, c == a + b)).size() > 0).size() > 0",
+            "request.data.xs.map(a, request.data.xs.map(b, request.data.xs.map(c, c))).size() > 0",
+            "request.data.xs.all(a, request.data.xs.all(b, request.data.xs.all(c, c in request.data.xs)))",
+        ] {
+            assert_eq!(run(slow, numbers(1000)), Err(RuleEvalError::OutOfTime), "{slow}");
+        }
+    }
+
+    #[test]
+    fn loops_keep_their_results() {
+        let xs = numbers(2000);
+        for (rule, expected) in [
+            ("request.data.xs.map(x, x * 2)[1999] == 3998", true),
+            ("request.data.xs.filter(x, x % 2 == 0).size() == 1000", true),
+            ("request.data.xs.map(x, x % 2 == 0, x).size() == 1000", true),
+            ("request.data.xs.all(x, x >= 0)", true),
+            ("request.data.xs.all(x, x > 0)", false),
+            ("request.data.xs.exists(x, x == 1999)", true),
+            ("request.data.xs.exists(x, x < 0)", false),
+            ("request.data.xs.exists_one(x, x == 5)", true),
+            ("request.data.xs.exists_one(x, x >= 5)", false),
+        ] {
+            assert_eq!(run(rule, xs.clone()), Ok(expected), "{rule}");
+        }
+    }
+
+    /// The interpreter builds `map`/`filter` results in place only for one shape of loop (a
+    /// literal condition, `acc + [e]` or `g ? acc + [e] : acc`); a check that broke the shape
+    /// would make them quadratic. Every loop must still tick once per iteration.
+    #[test]
+    fn map_and_filter_keep_the_shape_that_is_built_in_place() {
+        for source in [
+            "[1, 2].map(x, x * 2) == [2, 4]",
+            "[1, 2].filter(x, x > 1) == [2]",
+            "[1, 2].map(x, x > 1, x) == [2]",
+            "[[1]].map(x, x.map(y, y + 1)) == [[2]]",
+        ] {
+            let mut expr = cel::parser::PrattParser::new().parse(source).unwrap();
+            instrument(&mut expr);
+            let mut loops = Vec::new();
+            comprehensions(&expr, &mut loops);
+            assert!(!loops.is_empty(), "{source}");
+            for c in loops {
+                let accu = c.accu_var.as_str();
+                assert!(is_ident(&c.result, accu), "{source}");
+                assert!(matches!(c.loop_cond.expr, Expr::Literal(_)), "{source}");
+                let mut step = c.loop_step.clone();
+                let target = append_target(&mut step, accu).expect(source);
+                assert!(
+                    matches!(&target.expr, Expr::Call(call) if call.func_name == TICK),
+                    "{source}: {target:?}"
+                );
+            }
+        }
+        for source in [
+            "[1].all(x, x > 0)",
+            "[1].exists(x, x > 0)",
+            "[1].exists_one(x, x > 0)",
+        ] {
+            let mut expr = cel::parser::PrattParser::new().parse(source).unwrap();
+            instrument(&mut expr);
+            let mut loops = Vec::new();
+            comprehensions(&expr, &mut loops);
+            assert!(
+                matches!(&loops[0].loop_cond.expr, Expr::Call(call) if call.func_name == TICK),
+                "{source}"
+            );
+        }
+    }
+
+    fn comprehensions<'a>(
+        expr: &'a IdedExpr,
+        found: &mut Vec<&'a cel::common::ast::ComprehensionExpr>,
+    ) {
+        if let Expr::Comprehension(c) = &expr.expr {
+            found.push(c);
+        }
+        for child in children(expr) {
+            comprehensions(child, found);
+        }
+    }
+
+    #[test]
+    fn a_scope_shares_one_deadline_between_evaluations() {
+        let slow = "request.data.xs.all(a, request.data.xs.all(b, a + b >= 0))";
+        let results = within(Duration::from_millis(1), || {
+            std::thread::sleep(Duration::from_millis(2));
+            // The scope's deadline has passed: even a rule that would take a millisecond
+            // stops at its first iteration; one without loops is unaffected.
+            (
+                run(slow, numbers(50)),
+                run("request.data.xs.size() == 50", numbers(50)),
+            )
+        });
+        assert_eq!(results, (Err(RuleEvalError::OutOfTime), Ok(true)));
+        // Outside the scope the same rule has its own budget again.
+        assert_eq!(run(slow, numbers(50)), Ok(true));
+    }
+}
