@@ -85,6 +85,14 @@ async fn list_changes(
             json!({"field": "topic"}),
         ));
     }
+    // PostgreSQL text cannot hold NUL (it would be a 500 there and an empty page on SQLite),
+    // and no topic has control characters.
+    if topic.is_some_and(|t| t.chars().any(char::is_control)) {
+        return Err(ApiError::invalid_with(
+            "topic has a control character",
+            json!({"field": "topic"}),
+        ));
+    }
     // Taken before the read: every event up to it that matches is in this page unless the
     // page is full.
     let head = state.changes.watermark();

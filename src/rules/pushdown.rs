@@ -440,6 +440,28 @@ fn mismatched_metadata(op: Cmp) -> Sets {
     }
 }
 
+/// Numbers at or beyond 2^53 in magnitude are not pushed into SQL: CEL compares an `int`
+/// with a `double` (and SQLite a stored integer with a real, and an integer beyond `i64` is
+/// read back as a real) after rounding to a double, so `2^53 + 1 == 2^53.0` holds in one and
+/// not in the other. Below 2^53 every integer is exact as a double and no stored number
+/// rounds across the literal, so SQL and CEL agree; larger literals are checked per row.
+const EXACT_DOUBLE: f64 = 9_007_199_254_740_992.0;
+
+/// A rule's scalar as a query value, when SQL compares it as CEL does.
+fn pushable(value: &Value) -> Option<Json> {
+    let exact = match value {
+        Value::Int(i) => i.unsigned_abs() < EXACT_DOUBLE as u64,
+        Value::UInt(u) => *u < EXACT_DOUBLE as u64,
+        Value::Float(f) => f.is_finite() && f.abs() < EXACT_DOUBLE,
+        _ => true,
+    };
+    if exact {
+        scalar_to_json(value)
+    } else {
+        None
+    }
+}
+
 fn data_comparison(field: &str, op: Cmp, value: &Value) -> Sets {
     // A missing field is an error, so even "false" needs the field to exist.
     let present = || Cond::clause(field, "exists", json!(true));
@@ -451,10 +473,8 @@ fn data_comparison(field: &str, op: Cmp, value: &Value) -> Sets {
                 | Value::Bool(_)
                 | Value::Int(_)
                 | Value::UInt(_)
-                | Value::String(_) => scalar_to_json(value).map(|v| Cond::clause(field, "==", v)),
-                Value::Float(f) if f.is_finite() => {
-                    scalar_to_json(value).map(|v| Cond::clause(field, "==", v))
-                }
+                | Value::String(_) => pushable(value).map(|v| Cond::clause(field, "==", v)),
+                Value::Float(_) => pushable(value).map(|v| Cond::clause(field, "==", v)),
                 // Stored JSON never equals a timestamp, duration or bytes.
                 Value::Timestamp(_) | Value::Duration(_) | Value::Bytes(_) => Some(Cond::False),
                 _ => None,
@@ -481,8 +501,9 @@ fn data_comparison(field: &str, op: Cmp, value: &Value) -> Sets {
         }
         _ => {
             let ordered = match value {
-                Value::Int(_) | Value::UInt(_) | Value::String(_) => scalar_to_json(value),
-                Value::Float(f) if f.is_finite() => scalar_to_json(value),
+                Value::Int(_) | Value::UInt(_) | Value::String(_) | Value::Float(_) => {
+                    pushable(value)
+                }
                 _ => None,
             };
             match ordered {
@@ -511,14 +532,7 @@ fn membership(item: &IdedExpr, container: &IdedExpr, ctx: &Context) -> Sets {
             };
             let (name, candidates): (String, Vec<Json>) = match field {
                 Field::Data(path) if !path.is_empty() => {
-                    let Some(values) = list
-                        .iter()
-                        .map(|v| match v {
-                            Value::Float(f) if !f.is_finite() => None,
-                            v => scalar_to_json(v),
-                        })
-                        .collect::<Option<Vec<_>>>()
-                    else {
+                    let Some(values) = list.iter().map(pushable).collect::<Option<Vec<_>>>() else {
                         return Sets::unknown();
                     };
                     (path.join("."), values)
@@ -556,10 +570,7 @@ fn membership(item: &IdedExpr, container: &IdedExpr, ctx: &Context) -> Sets {
                 Some(Ok(value)) => value,
             };
             let field = path.join(".");
-            let Some(json_value) = (match &value {
-                Value::Float(f) if !f.is_finite() => None,
-                v => scalar_to_json(v),
-            }) else {
+            let Some(json_value) = pushable(&value) else {
                 return Sets::unknown();
             };
             let contains = Cond::clause(&field, "array-contains", json_value);

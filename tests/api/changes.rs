@@ -424,6 +424,9 @@ async fn the_changes_endpoint_is_for_admins_and_checks_its_input(backend: Backen
         ("limit=0", "limit"),
         ("limit=1001", "limit"),
         ("limit=many", "limit"),
+        // NUL cannot be stored in PostgreSQL text: the same 400 on both databases.
+        ("topic=db/a%00", "topic"),
+        ("topic=%0A", "topic"),
     ] {
         let reply = app
             .get(&format!("/v1/admin/changes?{bad}"), Some(&admin))

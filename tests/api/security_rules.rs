@@ -22,6 +22,7 @@ store_tests!(
     double_negation_keeps_its_meaning_in_reads_queries_and_writes,
     bad_rules_leave_no_panic_on_stderr,
     a_rule_that_loops_for_hours_over_a_clients_data_is_stopped_and_denies,
+    queries_and_reads_agree_on_numbers_beyond_what_a_double_holds,
 );
 
 /// Ways of writing a rule `n` levels deep, as a hostile admin would.
@@ -542,4 +543,83 @@ async fn a_rule_that_loops_for_hours_over_a_clients_data_is_stopped_and_denies(b
     ids.sort();
     assert_eq!(ids, ["ok", "tiny"], "{body}");
     assert_eq!(body["count"], 2, "{body}");
+}
+
+/// A read rule comparing numbers must admit the same documents in a query (where it becomes
+/// SQL) as on a read by id (where it is evaluated). Doubles hold integers exactly only below
+/// 2^53: CEL rounds an `int` compared with a `double`, SQLite reads integers beyond `i64` as
+/// reals, PostgreSQL compares exactly.
+async fn queries_and_reads_agree_on_numbers_beyond_what_a_double_holds(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let admin = app.admin_token().await;
+    let (_, user, _) = app.user("u@example.com").await;
+    let numbers = [
+        json!(9007199254740991_i64),
+        json!(9007199254740992_i64),
+        json!(9007199254740993_i64),
+        json!(9007199254740992.0),
+        json!(-9007199254740993_i64),
+        json!(9223372036854775807_i64),
+        json!(9223372036854775809_u64),
+        json!(18446744073709551615_u64),
+        json!(1e300),
+        json!(5),
+    ];
+    let rules = [
+        "resource.data.n == 9007199254740992.0",
+        "resource.data.n == 9007199254740993",
+        "resource.data.n < 9007199254740993",
+        "resource.data.n >= 9007199254740992.0",
+        "resource.data.n > 9223372036854775807",
+        "resource.data.n == 9223372036854775809u",
+        "resource.data.n <= 18446744073709551615u",
+        "resource.data.n in [9007199254740993, 1]",
+        "resource.data.n > -9007199254740993",
+        "resource.data.n < 1e19",
+        "resource.data.n == 5",
+    ];
+    for (i, rule) in rules.iter().enumerate() {
+        let name = format!("nums{i}");
+        admin_collection(&app, &admin, &name, json!({"rules": {"read": rule}})).await;
+        for (j, n) in numbers.iter().enumerate() {
+            app.post(
+                &format!("/v1/db/{name}"),
+                Some(&admin),
+                json!({"id": format!("d{j}"), "data": {"n": n}}),
+            )
+            .await
+            .assert_ok();
+        }
+        let mut readable = Vec::new();
+        for j in 0..numbers.len() {
+            let reply = app.get(&format!("/v1/db/{name}/d{j}"), Some(&user)).await;
+            match reply.status.as_u16() {
+                200 => readable.push(format!("d{j}")),
+                403 => {}
+                other => panic!("{rule}: GET d{j} answered {other}: {}", reply.text),
+            }
+        }
+        let page = app
+            .post(
+                &format!("/v1/db/{name}/_query"),
+                Some(&user),
+                json!({"count": true, "limit": 100}),
+            )
+            .await;
+        let body = page.assert_ok();
+        let mut listed: Vec<String> = body["documents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["id"].as_str().unwrap().to_string())
+            .collect();
+        listed.sort();
+        readable.sort();
+        assert_eq!(listed, readable, "{rule}: query vs reads by id");
+        assert_eq!(
+            body["count"],
+            readable.len(),
+            "{rule}: count vs reads by id"
+        );
+    }
 }
