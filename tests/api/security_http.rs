@@ -651,3 +651,92 @@ async fn a_websocket_upgrade_works_and_is_not_closed_by_the_idle_timeout() {
         "two"
     );
 }
+
+/// Readiness says whether the database answers, not whether the pool has a free connection:
+/// with every pooled connection waiting on a row lock (writes queued behind a long
+/// transaction), `/ready` still answers 200, and the writes all complete once the lock goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ready_answers_while_every_pooled_connection_is_busy() {
+    use sqlx::Connection;
+    let Some(_) = crate::helpers::postgres_url() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "BASALT_TEST_DATABASE_URL must be set in CI"
+        );
+        eprintln!("BASALT_TEST_DATABASE_URL is not set: PostgreSQL readiness test not run");
+        return;
+    };
+    let app = crate::helpers::spawn_app(Backend::Postgres).await;
+    let admin = app.admin_token().await;
+    crate::documents::admin_collection(
+        &app,
+        &admin,
+        "hot",
+        json!({"rules": {"read": "true", "update": "true"}}),
+    )
+    .await;
+    app.post(
+        "/v1/db/hot",
+        Some(&admin),
+        json!({"id": "x", "data": {"n": 0}}),
+    )
+    .await
+    .assert_ok();
+    let url = app
+        .state
+        .config
+        .database
+        .url
+        .as_ref()
+        .unwrap()
+        .expose()
+        .clone();
+    let mut holder = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT 1 FROM documents WHERE collection = 'hot' AND id = 'x' FOR UPDATE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    // More writers than the pool has connections (16): all wait on the lock.
+    let client = reqwest::Client::new();
+    let writers: Vec<_> = (0..24)
+        .map(|_| {
+            let (client, url, admin) = (client.clone(), app.url("/v1/db/hot/x"), admin.clone());
+            tokio::spawn(async move {
+                client
+                    .patch(url)
+                    .bearer_auth(admin)
+                    .json(&json!({"data": {"n": {"$increment": 1}}}))
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+            })
+        })
+        .collect();
+    // Wait until the pool is exhausted. (Watched from another connection: inside a
+    // transaction, pg_stat_activity is a snapshot.)
+    let mut watcher = sqlx::PgConnection::connect(&url).await.unwrap();
+    let mut exhausted = false;
+    for _ in 0..100 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()",
+        )
+        .fetch_one(&mut watcher)
+        .await
+        .unwrap();
+        if waiting >= 15 {
+            exhausted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(exhausted, "the writers did not fill the pool");
+    let ready = client.get(app.url("/ready")).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 200);
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    for writer in writers {
+        assert_eq!(writer.await.unwrap().unwrap(), 200);
+    }
+    let doc = app.get("/v1/db/hot/x", Some(&admin)).await;
+    assert_eq!(doc.assert_ok()["data"]["n"], 24);
+}

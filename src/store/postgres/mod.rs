@@ -15,6 +15,10 @@ use super::{Store, StoreError, StoreResult};
 
 pub struct PgStore {
     pub(crate) pool: PgPool,
+    /// One connection of its own for [`Store::ping`]: a node whose pool is busy serving
+    /// requests is still ready, and a readiness probe that waited for the busy pool answered
+    /// 503 under load (so a balancer would take away the nodes doing the most work).
+    ping_pool: PgPool,
     pub(crate) hooks: super::events::CommitHooks,
 }
 
@@ -29,15 +33,22 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL: {e}"))?;
+        let ping_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .acquire_timeout(Duration::from_secs(3))
+            .idle_timeout(Duration::from_secs(300))
+            .connect_lazy_with(options);
         sqlx::migrate!("./migrations/postgres")
             .run(&pool)
             .await
             .map_err(|e| anyhow::anyhow!("PostgreSQL migrations failed: {e}"))?;
         Ok(PgStore {
             pool,
+            ping_pool,
             hooks: super::events::CommitHooks::default(),
         })
     }
@@ -90,7 +101,7 @@ impl Store for PgStore {
 
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1")
-            .execute(&self.pool)
+            .execute(&self.ping_pool)
             .await
             .map_err(map_err)?;
         Ok(())
