@@ -486,6 +486,7 @@ const TOP_LEVEL: &[&str] = &[
     "auth",
     "rate_limit",
     "documents",
+    "changes",
     "metrics",
 ];
 
@@ -526,6 +527,34 @@ mod tests {
                 !format!("{config:?}").contains("pw@"),
                 "secret leaked into Debug"
             );
+            Ok(())
+        });
+    }
+
+    /// A section missing from [`TOP_LEVEL`] is silently unreachable from the environment
+    /// (`changes` was, until a newcomer tried `BASALT_CHANGES__POLL_INTERVAL_MS`).
+    #[test]
+    fn every_setting_can_be_set_from_the_environment() {
+        let defaults = serde_json::to_value(Config::default()).unwrap();
+        let mut fields: Vec<&str> = defaults
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut known = TOP_LEVEL.to_vec();
+        fields.sort();
+        known.sort();
+        assert_eq!(fields, known);
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("BASALT_CHANGES__POLL_INTERVAL_MS", "250");
+            assert_eq!(
+                Config::load(None).expect("loads").changes.poll_interval_ms,
+                250
+            );
+            jail.set_env("BASALT_CHANGES__POLL_INTERVAL_MS", "soon");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("changes.poll_interval_ms"), "{err}");
             Ok(())
         });
     }

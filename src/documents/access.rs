@@ -77,7 +77,8 @@ pub(super) enum ReadPlan {
 }
 
 fn parse_rule_filter(v: &Value) -> ApiResult<Filter> {
-    query::parse_where(v)?.ok_or_else(|| ApiError::internal(anyhow::anyhow!("empty rule filter")))
+    query::parse_rule_where(v)?
+        .ok_or_else(|| ApiError::internal(anyhow::anyhow!("empty rule filter")))
 }
 
 impl DocumentService {

@@ -22,6 +22,29 @@ pub const MAX_LIMIT: u32 = 1000;
 const MAX_CLAUSES: usize = 100;
 const MAX_NESTING: usize = 10;
 const MAX_LIST: usize = 100;
+
+/// How large a `where` may be.
+struct Limits {
+    clauses: usize,
+    nesting: usize,
+    list: usize,
+}
+
+/// A client's `where`: each clause and value is work per row scanned.
+const REQUEST: Limits = Limits {
+    clauses: MAX_CLAUSES,
+    nesting: MAX_NESTING,
+    list: MAX_LIST,
+};
+
+/// The filter a `read` rule becomes ([`parse_rule_where`]). The rule is bounded already
+/// (16 KiB, 64 levels): a rule `x in [...]` with 150 values is the admin's choice, and
+/// refusing it would fail every query of every user (a newcomer found exactly that).
+const RULE: Limits = Limits {
+    clauses: 10_000,
+    nesting: 256,
+    list: 10_000,
+};
 /// Values in all the lists of one `where` together: each is compared with every row scanned.
 const MAX_VALUES: usize = 500;
 const MAX_PATH_DEPTH: usize = 32;
@@ -343,26 +366,41 @@ pub fn parse_request_where(v: &Value) -> Result<Option<Filter>, QueryError> {
 /// `None` when it imposes nothing (an empty list).
 pub fn parse_where(v: &Value) -> Result<Option<Filter>, QueryError> {
     let mut clauses = 0;
-    parse_node(v, 0, &mut clauses)
+    parse_node(v, 0, &mut clauses, &REQUEST)
 }
 
-fn parse_node(v: &Value, depth: usize, clauses: &mut usize) -> Result<Option<Filter>, QueryError> {
-    if depth > MAX_NESTING {
+/// Parses the `where` a read rule was turned into, within the rule's own bounds rather than
+/// a request's.
+pub fn parse_rule_where(v: &Value) -> Result<Option<Filter>, QueryError> {
+    let mut clauses = 0;
+    parse_node(v, 0, &mut clauses, &RULE)
+}
+
+fn parse_node(
+    v: &Value,
+    depth: usize,
+    clauses: &mut usize,
+    limits: &Limits,
+) -> Result<Option<Filter>, QueryError> {
+    if depth > limits.nesting {
         return Err(QueryError::new("where is nested too deeply", "where"));
     }
     match v {
         Value::Null => Ok(None),
         Value::Array(items) if items.first().is_some_and(Value::is_string) => {
             *clauses += 1;
-            if *clauses > MAX_CLAUSES {
-                return Err(QueryError::new(format!("where has more than {MAX_CLAUSES} clauses"), "where"));
+            if *clauses > limits.clauses {
+                return Err(QueryError::new(
+                    format!("where has more than {} clauses", limits.clauses),
+                    "where",
+                ));
             }
-            parse_clause(items).map(Some)
+            parse_clause(items, limits).map(Some)
         }
         Value::Array(items) => {
             let parts = items
                 .iter()
-                .map(|i| parse_node(i, depth + 1, clauses))
+                .map(|i| parse_node(i, depth + 1, clauses, limits))
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(combine(parts.into_iter().flatten().collect(), Filter::And))
         }
@@ -373,7 +411,7 @@ fn parse_node(v: &Value, depth: usize, clauses: &mut usize) -> Result<Option<Fil
             })?;
             let parts = items
                 .iter()
-                .map(|i| parse_node(i, depth + 1, clauses))
+                .map(|i| parse_node(i, depth + 1, clauses, limits))
                 .collect::<Result<Vec<_>, _>>()?;
             let parts: Vec<Filter> = parts.into_iter().flatten().collect();
             if key == "or" {
@@ -397,7 +435,7 @@ fn combine(mut parts: Vec<Filter>, make: fn(Vec<Filter>) -> Filter) -> Option<Fi
     }
 }
 
-fn parse_clause(items: &[Value]) -> Result<Filter, QueryError> {
+fn parse_clause(items: &[Value], limits: &Limits) -> Result<Filter, QueryError> {
     let bad = |msg: String, field: &str| QueryError::new(msg, field);
     let [Value::String(field), Value::String(op), value] = items else {
         return Err(bad("a clause is [field, op, value]".into(), "where"));
@@ -419,9 +457,9 @@ fn parse_clause(items: &[Value]) -> Result<Filter, QueryError> {
         let list = v
             .as_array()
             .ok_or_else(|| bad(format!("`{}` takes a list of values", op_name(op)), field))?;
-        if list.is_empty() || list.len() > MAX_LIST {
+        if list.is_empty() || list.len() > limits.list {
             return Err(bad(
-                format!("the list has to hold 1 to {MAX_LIST} values"),
+                format!("the list has to hold 1 to {} values", limits.list),
                 field,
             ));
         }

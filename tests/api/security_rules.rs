@@ -23,6 +23,7 @@ store_tests!(
     bad_rules_leave_no_panic_on_stderr,
     a_rule_that_loops_for_hours_over_a_clients_data_is_stopped_and_denies,
     queries_and_reads_agree_on_numbers_beyond_what_a_double_holds,
+    a_read_rule_larger_than_a_clients_where_may_be_still_filters_queries,
 );
 
 /// Ways of writing a rule `n` levels deep, as a hostile admin would.
@@ -621,5 +622,67 @@ async fn queries_and_reads_agree_on_numbers_beyond_what_a_double_holds(backend: 
             readable.len(),
             "{rule}: count vs reads by id"
         );
+    }
+}
+
+/// A read rule becomes a filter; it is bounded by the rule's limits, not by those of a
+/// client's `where` (100 values per list, 100 clauses). A rule listing 150 values failed
+/// every query of every user with "the list has to hold 1 to 100 values".
+async fn a_read_rule_larger_than_a_clients_where_may_be_still_filters_queries(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let admin = app.admin_token().await;
+    let (_, user, _) = app.user("u@example.com").await;
+    let listed: Vec<String> = (0..150).map(|i| (i * 2).to_string()).collect();
+    let ored: Vec<String> = (0..150)
+        .map(|i| format!("resource.data.s == {}", i * 2))
+        .collect();
+    for (name, rule) in [
+        (
+            "listed",
+            format!("resource.data.s in [{}]", listed.join(", ")),
+        ),
+        ("ored", ored.join(" || ")),
+    ] {
+        admin_collection(&app, &admin, name, json!({"rules": {"read": rule}})).await;
+        // 0..400: the even ones below 300 are readable, 150 of them.
+        let writes: Vec<Value> = (0..400)
+            .map(|i| json!({"op": "create", "collection": name, "id": format!("d{i}"), "data": {"s": i}}))
+            .collect();
+        for chunk in writes.chunks(200) {
+            app.post("/v1/db/_batch", Some(&admin), json!({"writes": chunk}))
+                .await
+                .assert_ok();
+        }
+        let page = app
+            .post(
+                &format!("/v1/db/{name}/_query"),
+                Some(&user),
+                json!({"count": true, "limit": 1000, "where": ["s", ">=", 250]}),
+            )
+            .await;
+        let body = page.assert_ok();
+        let ids: Vec<&str> = body["documents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["id"].as_str().unwrap())
+            .collect();
+        let want: Vec<String> = (125..150).map(|i| format!("d{}", i * 2)).collect();
+        let mut ids: Vec<String> = ids.into_iter().map(String::from).collect();
+        ids.sort();
+        let mut want = want;
+        want.sort();
+        assert_eq!(ids, want, "{name}");
+        assert_eq!(body["count"], 25, "{name}");
+        let total = app
+            .post(
+                &format!("/v1/db/{name}/_aggregate"),
+                Some(&user),
+                json!({"aggregations": {"n": {"count": {}}, "s": {"sum": "s"}}}),
+            )
+            .await;
+        let total = total.assert_ok();
+        assert_eq!(total["n"], 150, "{name}");
+        assert_eq!(total["s"], (0..150).map(|i| i * 2).sum::<i64>(), "{name}");
     }
 }
