@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 use cel::common::ast::{operators, CallExpr, EntryExpr, Expr, IdedExpr, ListExpr};
 use cel::{ExecutionError, Value};
 
+use super::limits::children;
+
 /// Longest one rule evaluation may run. A typical rule takes a few microseconds; this is a
 /// few thousand times that, and still short enough that a stream of slow requests cannot
 /// starve the SQLite writer.
@@ -110,36 +112,6 @@ fn max_id(expr: &IdedExpr) -> u64 {
         max = max.max(max_id(child));
     }
     max
-}
-
-fn children(expr: &IdedExpr) -> Vec<&IdedExpr> {
-    match &expr.expr {
-        Expr::Call(call) => call
-            .target
-            .as_deref()
-            .into_iter()
-            .chain(&call.args)
-            .collect(),
-        Expr::Comprehension(c) => vec![
-            &c.iter_range,
-            &c.accu_init,
-            &c.loop_cond,
-            &c.loop_step,
-            &c.result,
-        ],
-        Expr::List(list) => list.elements.iter().collect(),
-        Expr::Map(map) => map.entries.iter().flat_map(|e| entry(&e.expr)).collect(),
-        Expr::Struct(s) => s.entries.iter().flat_map(|e| entry(&e.expr)).collect(),
-        Expr::Select(select) => vec![&select.operand],
-        Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => Vec::new(),
-    }
-}
-
-fn entry(entry: &EntryExpr) -> Vec<&IdedExpr> {
-    match entry {
-        EntryExpr::MapEntry(e) => vec![&e.key, &e.value],
-        EntryExpr::StructField(f) => vec![&f.value],
-    }
 }
 
 fn rewrite(expr: &mut IdedExpr, next_id: &mut u64) {

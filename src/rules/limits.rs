@@ -398,42 +398,47 @@ fn is_string_prefix(word: &[u8]) -> bool {
     matches!(lower.as_slice(), b"r" | b"b" | b"rb" | b"br")
 }
 
+/// The direct subexpressions of `node`.
+pub(crate) fn children(node: &cel::IdedExpr) -> Vec<&cel::IdedExpr> {
+    use cel::common::ast::Expr;
+    match &node.expr {
+        Expr::Unspecified | Expr::Ident(_) | Expr::Literal(_) => Vec::new(),
+        Expr::Call(call) => call
+            .target
+            .as_deref()
+            .into_iter()
+            .chain(&call.args)
+            .collect(),
+        Expr::Comprehension(c) => vec![
+            &c.iter_range,
+            &c.accu_init,
+            &c.loop_cond,
+            &c.loop_step,
+            &c.result,
+        ],
+        Expr::List(list) => list.elements.iter().collect(),
+        Expr::Map(map) => map
+            .entries
+            .iter()
+            .flat_map(|e| entry_children(&e.expr))
+            .collect(),
+        Expr::Struct(s) => s
+            .entries
+            .iter()
+            .flat_map(|e| entry_children(&e.expr))
+            .collect(),
+        Expr::Select(select) => vec![&*select.operand],
+    }
+}
+
 /// Depth of a parsed rule's tree, computed without recursion (the tree may be the one that
 /// would overflow a recursive walk).
 pub(crate) fn ast_depth(expr: &cel::IdedExpr) -> usize {
-    use cel::common::ast::Expr;
     let mut deepest = 0;
     let mut stack = vec![(expr, 1usize)];
     while let Some((node, depth)) = stack.pop() {
         deepest = deepest.max(depth);
-        let children: Vec<&cel::IdedExpr> = match &node.expr {
-            Expr::Unspecified | Expr::Ident(_) | Expr::Literal(_) => Vec::new(),
-            Expr::Call(call) => call
-                .target
-                .as_deref()
-                .into_iter()
-                .chain(&call.args)
-                .collect(),
-            Expr::Comprehension(c) => vec![
-                &c.iter_range,
-                &c.accu_init,
-                &c.loop_cond,
-                &c.loop_step,
-                &c.result,
-            ],
-            Expr::List(list) => list.elements.iter().collect(),
-            Expr::Map(map) => map
-                .entries
-                .iter()
-                .flat_map(|e| entry_children(&e.expr))
-                .collect(),
-            Expr::Struct(s) => s
-                .entries
-                .iter()
-                .flat_map(|e| entry_children(&e.expr))
-                .collect(),
-            Expr::Select(select) => vec![&*select.operand],
-        };
+        let children = children(node);
         stack.extend(children.into_iter().map(|child| (child, depth + 1)));
     }
     deepest
