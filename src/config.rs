@@ -186,6 +186,11 @@ pub struct DocumentsConfig {
     pub max_depth: usize,
     /// How long change-log entries are kept, in hours.
     pub change_retention_hours: u64,
+    /// Rule evaluation time one read request may spend on per-row checks, in milliseconds;
+    /// past it a page ends early with a cursor and a count or aggregate answers 400.
+    pub read_rules_time_ms: u64,
+    /// Rule evaluation time one write request (a batch too) may spend, in milliseconds.
+    pub write_rules_time_ms: u64,
 }
 
 /// The change stream (API.md § Change stream); its retention is
@@ -303,6 +308,8 @@ impl Default for DocumentsConfig {
     fn default() -> Self {
         DocumentsConfig {
             max_document_bytes: 1024 * 1024,
+            read_rules_time_ms: 2000,
+            write_rules_time_ms: 250,
             max_depth: 32,
             change_retention_hours: 24 * 7,
         }

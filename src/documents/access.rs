@@ -28,6 +28,8 @@ pub(super) struct Judge<'a> {
     pub(super) principal: &'a Principal,
     pub(super) now: DateTime<Utc>,
     pub(super) fetched: &'a Fetched,
+    /// The request's rule time (see `rules::budget`): once used up, rules with loops deny.
+    pub(super) clock: &'a RuleClock,
 }
 
 impl Judge<'_> {
@@ -57,9 +59,16 @@ impl Judge<'_> {
                 data: data.cloned(),
             },
         };
-        match rule.evaluate_with(&input, self.fetched) {
+        let spent = self.clock.expired();
+        let started = std::time::Instant::now();
+        let evaluated =
+            rule.evaluate_until(&input, self.fetched, Some(started + self.clock.remaining()));
+        self.clock.spend(started.elapsed());
+        match evaluated {
             Ok(Evaluation::Decided(allowed)) => Ok(allowed),
             Ok(Evaluation::Needs(keys)) => Err(Halt::Needs(keys)),
+            // Said once, by the evaluation that ran out; the rest of the request denies quietly.
+            Err(RuleEvalError::OutOfTime) if spent => Ok(false),
             Err(err) => {
                 tracing::warn!(error = %err, rule = rule.source(), "rule could not be decided; denying");
                 Ok(false)
@@ -92,6 +101,7 @@ impl DocumentService {
         method: &str,
         row: Option<&DocumentRow>,
         cache: &mut Fetched,
+        clock: &RuleClock,
     ) -> bool {
         let now = Utc::now();
         let mut fetched = Fetched::new();
@@ -100,6 +110,7 @@ impl DocumentService {
                 principal,
                 now,
                 fetched: &fetched,
+                clock,
             };
             match judge.allows(rule, method, row, None) {
                 Ok(allowed) => return allowed,

@@ -29,9 +29,9 @@ impl DocumentService {
                 self.for_each_readable(
                     &coll,
                     principal,
-                    collection,
                     pre.as_ref(),
                     where_.as_ref(),
+                    &self.read_clock(),
                     |r| rows.push(document_json(r)),
                 )
                 .await?;

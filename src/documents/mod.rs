@@ -41,7 +41,8 @@ use crate::config::DocumentsConfig;
 use crate::error::{ApiError, ApiResult};
 use crate::ids::new_id;
 use crate::query::{self, Cursor, Direction, Field, Filter, Op, Operand, Order, Query};
-use crate::rules::{AuthInfo, Evaluation, Pushdown, RequestInfo, Rule, RuleInput};
+use crate::rules::budget::RuleClock;
+use crate::rules::{AuthInfo, Evaluation, Pushdown, RequestInfo, Rule, RuleEvalError, RuleInput};
 use crate::store::docsql::is_index_safe_key;
 use crate::store::{
     document_json, CollectionRow, Decision, DocumentRow, EventOp, Fetched, IndexSpec, PlannedWrite,

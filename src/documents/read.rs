@@ -7,6 +7,16 @@ use super::*;
 const MAX_ROWS_EXAMINED: usize = 5000;
 
 impl DocumentService {
+    /// The rule time of one read request (`documents.read_rules_time_ms`).
+    pub(super) fn read_clock(&self) -> RuleClock {
+        RuleClock::new(Duration::from_millis(self.config.read_rules_time_ms))
+    }
+
+    /// The rule time of one write request (`documents.write_rules_time_ms`).
+    pub(super) fn write_clock(&self) -> RuleClock {
+        RuleClock::new(Duration::from_millis(self.config.write_rules_time_ms))
+    }
+
     // ------------------------------------------------------------------ reads
 
     pub async fn get(&self, caller: &Caller, collection: &str, id: &str) -> ApiResult<Document> {
@@ -21,6 +31,7 @@ impl DocumentService {
                 "get",
                 doc.as_ref(),
                 &mut Fetched::new(),
+                &self.read_clock(),
             )
             .await
         {
@@ -87,9 +98,13 @@ impl DocumentService {
             },
         };
         let mut lookups = Fetched::new();
+        // Per-row checks share one time budget; when it is spent the page ends early, with a
+        // cursor, exactly as at the row budget.
+        let clock = self.read_clock();
         let mut kept: Vec<DocumentRow> = Vec::new();
         let mut examined = 0usize;
         let mut exhausted = false;
+        let mut out_of_time = false;
         let mut last_examined: Option<DocumentRow> = None;
         let batch = if per_row {
             (query.limit as usize * 2).clamp(50, 1000)
@@ -112,22 +127,41 @@ impl DocumentService {
                 .await?;
             let got = rows.len();
             for row in rows {
-                examined += 1;
-                after = Some(cursor_of(&query.order, &row));
                 let keep = !per_row
                     || (self
-                        .may_read(&coll.read, principal, "list", Some(&row), &mut lookups)
+                        .may_read(
+                            &coll.read,
+                            principal,
+                            "list",
+                            Some(&row),
+                            &mut lookups,
+                            &clock,
+                        )
                         .await
                         && matching
                             .as_ref()
                             .is_none_or(|f| query::matches(f, &document_json(&row))));
+                if per_row && clock.expired() {
+                    out_of_time = true;
+                    // This row's check may have been cut short by the request's clock rather
+                    // than decided: leave it to the next page (once something was examined,
+                    // so every page moves on).
+                    if !keep && examined > 0 {
+                        break;
+                    }
+                }
+                examined += 1;
+                after = Some(cursor_of(&query.order, &row));
                 if keep {
                     kept.push(row.clone());
                 }
                 last_examined = Some(row);
-                if kept.len() > query.limit as usize {
+                if out_of_time || kept.len() > query.limit as usize {
                     break;
                 }
+            }
+            if out_of_time {
+                break;
             }
             if got < batch {
                 exhausted = true;
@@ -162,14 +196,8 @@ impl DocumentService {
         };
         let count = if query.count {
             Some(if per_row {
-                self.count_per_row(
-                    &coll,
-                    principal,
-                    collection,
-                    filter.as_ref(),
-                    matching.as_ref(),
-                )
-                .await?
+                self.count_per_row(&coll, principal, filter.as_ref(), matching.as_ref(), &clock)
+                    .await?
             } else {
                 self.store
                     .count_documents(&Scan {
@@ -210,11 +238,12 @@ impl DocumentService {
         &self,
         coll: &Collection,
         principal: &Principal,
-        collection: &str,
         filter: Option<&Filter>,
         matching: Option<&Filter>,
+        clock: &RuleClock,
         mut visit: impl FnMut(&DocumentRow),
     ) -> ApiResult<()> {
+        let collection = coll.row.name.as_str();
         let order = [Order {
             field: Field::Id,
             direction: Direction::Asc,
@@ -236,8 +265,18 @@ impl DocumentService {
                 })
                 .await?;
             for row in &rows {
+                if clock.expired() {
+                    return Err(rule_time_spent(self.config.read_rules_time_ms));
+                }
                 if self
-                    .may_read(&coll.read, principal, "list", Some(row), &mut lookups)
+                    .may_read(
+                        &coll.read,
+                        principal,
+                        "list",
+                        Some(row),
+                        &mut lookups,
+                        clock,
+                    )
                     .await
                     && matching.is_none_or(|f| query::matches(f, &document_json(row)))
                 {
@@ -255,15 +294,29 @@ impl DocumentService {
         &self,
         coll: &Collection,
         principal: &Principal,
-        collection: &str,
         filter: Option<&Filter>,
         matching: Option<&Filter>,
+        clock: &RuleClock,
     ) -> ApiResult<u64> {
         let mut n = 0u64;
-        self.for_each_readable(coll, principal, collection, filter, matching, |_| n += 1)
+        self.for_each_readable(coll, principal, filter, matching, clock, |_| n += 1)
             .await?;
         Ok(n)
     }
+}
+
+/// A count or aggregate that needs every row checked, when the checks used up the request's
+/// rule time: it cannot answer part of the rows.
+fn rule_time_spent(limit_ms: u64) -> ApiError {
+    ApiError::invalid_with(
+        format!(
+            "the read rule is checked row by row here and took more than {} ms for this \
+             request; narrow the where, or write the rule so that it becomes a filter (see \
+             docs/rules.md)",
+            limit_ms
+        ),
+        json!({"reason": "rule_time"}),
+    )
 }
 
 pub(super) fn and(a: Option<Filter>, b: Option<Filter>) -> Option<Filter> {

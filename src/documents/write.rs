@@ -9,6 +9,7 @@ impl DocumentService {
     // ------------------------------------------------------------------ writes
 
     /// Plans one write: the decision closure the store runs on the current document.
+    #[allow(clippy::too_many_arguments)] // each is one part of the write; a struct would only rename them
     pub(super) fn plan(
         &self,
         coll: Arc<Collection>,
@@ -17,8 +18,10 @@ impl DocumentService {
         kind: WriteKind,
         pre: Precondition,
         index: Option<usize>,
+        clock: &RuleClock,
     ) -> PlannedWrite {
         let principal = principal.clone();
+        let clock = clock.clone();
         let limits = self.config.clone();
         let collection = coll.row.name.clone();
         let decide = move |current: Option<&DocumentRow>,
@@ -29,6 +32,7 @@ impl DocumentService {
                 principal: &principal,
                 now,
                 fetched,
+                clock: &clock,
             };
             match decide_write(&coll, &judge, &limits, current, now, &kind, pre) {
                 Ok(decision) => Ok(Decision::Write(decision)),
@@ -78,7 +82,8 @@ impl DocumentService {
             }
             None => new_id(),
         };
-        let plan = self.plan(coll, principal, id, kind, pre, None);
+        let clock = self.write_clock();
+        let plan = self.plan(coll, principal, id, kind, pre, None, &clock);
         let outcome = self
             .run(vec![plan], caller)
             .await?
@@ -98,6 +103,9 @@ impl DocumentService {
             ));
         }
         let mut plans = Vec::with_capacity(writes.len());
+        // One rule-time budget for the whole batch: it holds a transaction (and on SQLite the
+        // only writer) while its checks run.
+        let clock = self.write_clock();
         for (i, w) in writes.into_iter().enumerate() {
             let fail = |e: ApiError| at_index(e, Some(i));
             let coll = self.collection(&w.collection).await.map_err(fail)?;
@@ -138,7 +146,7 @@ impl DocumentService {
                 if_version: w.if_version,
                 must_not_exist: false,
             };
-            plans.push(self.plan(coll, principal, id, kind, pre, Some(i)));
+            plans.push(self.plan(coll, principal, id, kind, pre, Some(i), &clock));
         }
         let outcomes = self.run(plans, caller).await?;
         Ok(outcomes

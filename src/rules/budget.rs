@@ -16,6 +16,8 @@
 //! checks is bounded as a whole.
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cel::common::ast::{operators, CallExpr, EntryExpr, Expr, IdedExpr, ListExpr};
@@ -28,9 +30,43 @@ use super::limits::children;
 /// starve the SQLite writer.
 pub const RULE_TIME_LIMIT: Duration = Duration::from_millis(50);
 
-/// Longest the checks of one write request (up to 500 writes in a batch) may run together
-/// where writes are serialised (SQLite's one writer).
-pub const WRITE_RULES_TIME_LIMIT: Duration = Duration::from_millis(250);
+/// One request's rule time: the time its evaluations have run, added up (scans, lookups and
+/// waiting for the writer or a lock do not count), against a limit. Each evaluation is still
+/// within [`RULE_TIME_LIMIT`]. Clones share the clock.
+#[derive(Clone, Debug)]
+pub struct RuleClock {
+    limit: Duration,
+    spent_nanos: Arc<AtomicU64>,
+}
+
+impl RuleClock {
+    pub fn new(limit: Duration) -> RuleClock {
+        RuleClock {
+            limit,
+            spent_nanos: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn spent(&self) -> Duration {
+        Duration::from_nanos(self.spent_nanos.load(Ordering::Relaxed))
+    }
+
+    /// What is left of the limit.
+    pub fn remaining(&self) -> Duration {
+        self.limit.saturating_sub(self.spent())
+    }
+
+    /// Adds an evaluation's time.
+    pub fn spend(&self, took: Duration) {
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.spent_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// Whether the request has used up its rule time.
+    pub fn expired(&self) -> bool {
+        self.spent() >= self.limit
+    }
+}
 
 /// The function the rewritten comprehensions call; not a name a rule can use (the checker
 /// admits only the documented functions).
@@ -73,10 +109,14 @@ fn earliest(outer: Option<Instant>, own: Instant) -> Instant {
     outer.map_or(own, |outer| outer.min(own))
 }
 
-/// Runs one evaluation under its deadline; the result and whether the deadline passed.
-pub(crate) fn evaluation<R>(f: impl FnOnce() -> R) -> (R, bool) {
+/// Runs one evaluation under its deadline (and `until`, when earlier); the result and
+/// whether the deadline passed.
+pub(crate) fn evaluation<R>(until: Option<Instant>, f: impl FnOnce() -> R) -> (R, bool) {
     let was_expired = EXPIRED.replace(false);
-    let result = within(RULE_TIME_LIMIT, f);
+    let limit = until.map_or(RULE_TIME_LIMIT, |until| {
+        RULE_TIME_LIMIT.min(until.saturating_duration_since(Instant::now()))
+    });
+    let result = within(limit, f);
     let expired = EXPIRED.replace(was_expired);
     (result, expired)
 }

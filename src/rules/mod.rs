@@ -223,12 +223,23 @@ impl Rule {
         input: &RuleInput,
         fetched: &Fetched,
     ) -> Result<Evaluation, RuleEvalError> {
+        self.evaluate_until(input, fetched, None)
+    }
+
+    /// [`Rule::evaluate_with`], stopping at `until` when that comes before the evaluation's
+    /// own [`budget::RULE_TIME_LIMIT`] (a request's [`budget::RuleClock`]).
+    pub fn evaluate_until(
+        &self,
+        input: &RuleInput,
+        fetched: &Fetched,
+        until: Option<std::time::Instant>,
+    ) -> Result<Evaluation, RuleEvalError> {
         if let Some(too_deep) = value::too_deep(input) {
             tracing::warn!(rule = %self.inner.source, value = too_deep, limit = MAX_VALUE_DEPTH, "rule input nested too deeply: deny");
             return Ok(Evaluation::Decided(false));
         }
         let cache = Arc::new(Mutex::new(eval::LookupCache::with_documents(fetched)));
-        let ((outcome, misses), out_of_time) = budget::evaluation(|| {
+        let ((outcome, misses), out_of_time) = budget::evaluation(until, || {
             eval::with_context(cache.clone(), |ctx| {
                 ctx.add_variable_from_value("auth", value::auth_to_cel(input.auth.as_ref()));
                 ctx.add_variable_from_value(

@@ -12,7 +12,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::documents::admin_collection;
-use crate::helpers::{postgres_url, spawn_app, Backend, Reply, TestApp};
+use crate::helpers::{postgres_url, spawn_app, spawn_app_with, Backend, Reply, TestApp};
 use crate::store_tests;
 
 store_tests!(
@@ -24,6 +24,7 @@ store_tests!(
     a_rule_that_loops_for_hours_over_a_clients_data_is_stopped_and_denies,
     queries_and_reads_agree_on_numbers_beyond_what_a_double_holds,
     a_read_rule_larger_than_a_clients_where_may_be_still_filters_queries,
+    per_row_checks_share_one_time_budget_per_request_and_paging_loses_nothing,
 );
 
 /// Ways of writing a rule `n` levels deep, as a hostile admin would.
@@ -518,6 +519,30 @@ async fn a_rule_that_loops_for_hours_over_a_clients_data_is_stopped_and_denies(b
     )
     .await
     .assert_ok();
+    // Checks that each fit their own budget but not a batch's together (250 ms in all, on
+    // both databases): the batch is refused instead of holding its transaction for seconds.
+    admin_collection(
+        &app,
+        &admin,
+        "tagged",
+        json!({"rules": {"create": "request.data.tags.all(t, request.data.tags.exists_one(u, u == t))"}}),
+    )
+    .await;
+    let tags: Vec<String> = (0..150).map(|i| format!("t{i}")).collect();
+    app.post(
+        "/v1/db/tagged",
+        Some(&user),
+        json!({"data": {"tags": tags}}),
+    )
+    .await
+    .assert_ok();
+    let batch: Vec<Value> = (0..200)
+        .map(|_| json!({"op": "create", "collection": "tagged", "data": {"tags": tags}}))
+        .collect();
+    let reply = app
+        .post("/v1/db/_batch", Some(&user), json!({"writes": batch}))
+        .await;
+    assert_eq!(reply.status, 403, "{}", reply.text);
     // Reads: a stored document that makes the read rule slow is not readable, by id or in a
     // list; the others are.
     app.post(
@@ -685,4 +710,91 @@ async fn a_read_rule_larger_than_a_clients_where_may_be_still_filters_queries(ba
         assert_eq!(total["n"], 150, "{name}");
         assert_eq!(total["s"], (0..150).map(|i| i * 2).sum::<i64>(), "{name}");
     }
+}
+
+/// Per-row read checks of one request share one time budget (`documents.read_rules_time_ms`): a page ends early with
+/// a cursor, and following the cursors returns every readable document exactly once; a count
+/// that cannot finish answers 400 instead of holding the server for minutes (a hostile user
+/// had 1 MB documents make one query run for 35 s).
+async fn per_row_checks_share_one_time_budget_per_request_and_paging_loses_nothing(
+    backend: Backend,
+) {
+    // Well below the 2 s default, so this debug build's checks of 300 documents exceed it,
+    // while each check stays far below the 50 ms one evaluation may take even on a loaded
+    // machine (one that ran out would deny a readable document).
+    let app = spawn_app_with(backend, |c| c.documents.read_rules_time_ms = 100).await;
+    let admin = app.admin_token().await;
+    let (uid, user, _) = app.user("u@example.com").await;
+    admin_collection(
+        &app,
+        &admin,
+        "groups",
+        json!({"rules": {"read": "auth != null && resource.data.members.exists(m, m == auth.uid)"}}),
+    )
+    .await;
+    // 300 documents whose check loops over 1,000 members: a millisecond or so each.
+    let members: Vec<String> = (0..1000).map(|i| format!("m{i}")).collect();
+    let mut readable = Vec::new();
+    for chunk in (0..300).collect::<Vec<_>>().chunks(20) {
+        let writes: Vec<Value> = chunk
+            .iter()
+            .map(|i| {
+                let mut list = members.clone();
+                if i % 2 == 0 {
+                    list.push(uid.clone());
+                    readable.push(format!("g{i:03}"));
+                }
+                json!({"op": "create", "collection": "groups", "id": format!("g{i:03}"), "data": {"members": list}})
+            })
+            .collect();
+        app.post("/v1/db/_batch", Some(&admin), json!({"writes": writes}))
+            .await
+            .assert_ok();
+    }
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut body = json!({"limit": 1000, "select": ["x"]});
+        if let Some(c) = &cursor {
+            body["start_after"] = json!(c);
+        }
+        let page = app.post("/v1/db/groups/_query", Some(&user), body).await;
+        let page = page.assert_ok().clone();
+        pages += 1;
+        assert!(pages < 500, "paging does not move on");
+        seen.extend(
+            page["documents"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d["id"].as_str().unwrap().to_string()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert!(
+        pages > 1,
+        "one request checked 300 large documents without a cut"
+    );
+    assert_eq!(seen, readable, "every readable document once, in order");
+    let count = app
+        .post(
+            "/v1/db/groups/_query",
+            Some(&user),
+            json!({"count": true, "limit": 1}),
+        )
+        .await;
+    let message = count.assert_error(400, "invalid_argument");
+    assert!(message.contains("ms"), "{message}");
+    assert_eq!(count.body["error"]["details"]["reason"], "rule_time");
+    app.post(
+        "/v1/db/groups/_aggregate",
+        Some(&user),
+        json!({"aggregations": {"n": {"count": {}}}}),
+    )
+    .await
+    .assert_error(400, "invalid_argument");
 }

@@ -7,7 +7,6 @@ use serde_json::Value;
 
 use super::{events, map_err, parse_ts, ts, SqliteStore};
 use crate::query::{Direction, Field, Filter, Op, Operand};
-use crate::rules::budget;
 use crate::store::docsql::{
     aggregate_sql, create_index_sql, scan_where, Bind, Dialect, SqlBuilder,
 };
@@ -284,8 +283,6 @@ impl DocumentStore for SqliteStore {
     ) -> StoreResult<Vec<WriteOutcome>> {
         let actor = actor.clone();
         self.write_unit(move |unit| {
-            // Checks run on the one writer thread: bound them together, not only one by one.
-            let _rules = budget::Scope::enter(budget::WRITE_RULES_TIME_LIMIT);
             let (tx, now) = (unit.tx, unit.now);
             let mut outcomes = Vec::with_capacity(writes.len());
             let mut appended = Vec::with_capacity(writes.len());
