@@ -75,10 +75,12 @@ pub(crate) fn map_err(err: sqlx::Error) -> StoreError {
             // Class 22 is "data exception": a value the column cannot hold (U+0000 in text,
             // an out-of-range number). The request was at fault, not the server.
             if db.code().is_some_and(|c| c.starts_with("22")) {
-                return StoreError::InvalidInput(format!(
-                    "a value cannot be stored: {}",
-                    db.message()
-                ));
+                // PostgreSQL's message quotes the value, which may be computed from stored
+                // data (an aggregate's sum): log it, answer without it.
+                tracing::debug!(message = db.message(), "data exception");
+                return StoreError::InvalidInput(
+                    "a value is out of range or cannot be stored".to_string(),
+                );
             }
             if db.is_foreign_key_violation() || db.is_check_violation() {
                 return StoreError::Conflict(db.message().to_string());
