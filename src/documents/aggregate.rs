@@ -35,10 +35,10 @@ impl DocumentService {
                     |r| rows.push(document_json(r)),
                 )
                 .await?;
-                return Ok(specs
+                return specs
                     .iter()
-                    .map(|(name, agg)| (name.clone(), agg.compute(&rows)))
-                    .collect());
+                    .map(|(name, agg)| Ok((name.clone(), sum_in_range(name, agg.compute(&rows))?)))
+                    .collect();
             }
         };
         let mut out = Map::new();
@@ -77,14 +77,14 @@ impl DocumentService {
                 Aggregation::Count => json!(sums.count),
                 Aggregation::Sum(Field::Data(_)) => {
                     let (sum, _) = next_sum.next().copied().unwrap_or((0.0, 0));
-                    number(sum)
+                    sum_in_range(name, number(sum))?
                 }
                 Aggregation::Avg(Field::Data(_)) => {
                     let (sum, n) = next_sum.next().copied().unwrap_or((0.0, 0));
                     if n == 0 {
                         Value::Null
                     } else {
-                        number(sum / n as f64)
+                        sum_in_range(name, number(sum / n as f64))?
                     }
                 }
                 Aggregation::Sum(_) | Aggregation::Avg(_) => json!(0),
@@ -134,14 +134,31 @@ impl DocumentService {
     }
 }
 
-fn number(f: f64) -> Value {
+/// A sum or average as JSON: an integer when it is one (and exact), else a double; `Err` for
+/// a sum beyond a double's range (only infinity cannot be JSON).
+fn number(f: f64) -> Result<Value, OutOfRange> {
     if f.fract() == 0.0 && f.abs() < 9.0e15 {
-        json!(f as i64)
+        Ok(json!(f as i64))
     } else {
         serde_json::Number::from_f64(f)
             .map(Value::Number)
-            .unwrap_or(Value::Null)
+            .ok_or(OutOfRange)
     }
+}
+
+struct OutOfRange;
+
+/// Sums are doubles on both databases (SQLite's `total()`, PostgreSQL's exact `numeric`
+/// read as a double): past a double's range the answer is this 400, naming the aggregation
+/// and no value — before, SQLite failed with a 500 on an integer overflow and PostgreSQL's
+/// error quoted the exact sum.
+fn sum_in_range(name: &str, value: Result<Value, OutOfRange>) -> ApiResult<Value> {
+    value.map_err(|OutOfRange| {
+        ApiError::invalid_with(
+            format!("`{name}` is beyond the range of a double"),
+            json!({"field": name}),
+        )
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -162,19 +179,19 @@ impl Aggregation {
     }
 
     /// The same aggregate computed in Rust over documents already filtered by the rule.
-    pub(super) fn compute(&self, docs: &[Value]) -> Value {
+    pub(super) fn compute(&self, docs: &[Value]) -> Result<Value, OutOfRange> {
         let numbers = |f: &Field| -> Vec<f64> {
             docs.iter()
                 .filter_map(|d| f.get(d).and_then(|v| v.as_f64()))
                 .collect()
         };
         match self {
-            Aggregation::Count => json!(docs.len()),
+            Aggregation::Count => Ok(json!(docs.len())),
             Aggregation::Sum(f) => number(numbers(f).iter().sum()),
             Aggregation::Avg(f) => {
                 let n = numbers(f);
                 if n.is_empty() {
-                    Value::Null
+                    Ok(Value::Null)
                 } else {
                     number(n.iter().sum::<f64>() / n.len() as f64)
                 }
@@ -189,7 +206,7 @@ impl Aggregation {
                 } else {
                     values.max_by(|a, b| query::compare_values(Some(a), Some(b)))
                 };
-                pick.map(|v| v.into_owned()).unwrap_or(Value::Null)
+                Ok(pick.map(|v| v.into_owned()).unwrap_or(Value::Null))
             }
         }
     }

@@ -594,8 +594,9 @@ impl<'a> SqlBuilder<'a> {
         let e = self.path(path);
         match self.dialect {
             Dialect::Sqlite => (
+                // total(): always a double, never an integer overflow (SUM() fails on one).
                 format!(
-                    "SUM(CASE WHEN {} IN ('integer', 'real') THEN {} END)",
+                    "TOTAL(CASE WHEN {} IN ('integer', 'real') THEN {} END)",
                     e.kind, e.value
                 ),
                 format!(
@@ -604,8 +605,10 @@ impl<'a> SqlBuilder<'a> {
                 ),
             ),
             Dialect::Postgres => (
+                // Exact, as text: a cast to float8 fails past a double's range (quoting the
+                // sum); the caller reads it as a double, infinite when out of range.
                 format!(
-                    "SUM(CASE WHEN {} = 'number' THEN ({})::numeric END)::float8",
+                    "SUM(CASE WHEN {} = 'number' THEN ({})::numeric END)::text",
                     e.kind, e.text
                 ),
                 format!("COUNT(CASE WHEN {} = 'number' THEN 1 END)", e.kind),

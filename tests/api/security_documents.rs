@@ -18,6 +18,7 @@ store_tests!(
     a_cursor_cut_by_the_row_budget_carries_nothing_unreadable_and_loses_nothing,
     the_row_budget_answers_alike_whatever_hidden_rows_hold,
     a_where_with_thousands_of_values_is_refused,
+    sums_beyond_any_integer_or_double_answer_alike_and_quote_nothing,
     rule_lookups_in_parallel_batches_neither_starve_the_pool_nor_deny_wrongly,
     rule_lookups_in_a_batch_see_its_earlier_writes,
     out_of_range_times_are_a_bad_request_not_a_dropped_connection,
@@ -894,4 +895,76 @@ async fn a_where_with_thousands_of_values_is_refused(backend: Backend) {
     app.post("/v1/db/pub/_query", None, json!({"where": {"or": small}}))
         .await
         .assert_ok();
+}
+
+/// One writer's numbers must not break `_aggregate` for everyone: two `i64::MAX` made SQLite
+/// answer 500 (integer overflow in SUM), and two 1.79e308 made PostgreSQL answer a 400
+/// quoting the exact sum of stored values. Sums are doubles on both; past a double's range
+/// the answer is a 400 naming the aggregation only — by SQL and by the per-row path alike.
+async fn sums_beyond_any_integer_or_double_answer_alike_and_quote_nothing(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let admin = app.admin_token().await;
+    let (_, user, _) = app.user("u@example.com").await;
+    for (name, read) in [
+        ("scores", "true"),
+        // A loop: checked row by row, summed in memory.
+        ("scores_per_row", "resource.data.tags.all(t, t != 'hidden')"),
+    ] {
+        admin_collection(&app, &admin, name, json!({"rules": {"read": read}})).await;
+        let big = format!("{name}_big");
+        admin_collection(&app, &admin, &big, json!({"rules": {"read": read}})).await;
+        for (coll, n) in [
+            (name, json!(10)),
+            (name, json!(9223372036854775807_i64)),
+            (name, json!(9223372036854775807_i64)),
+            (big.as_str(), json!(10)),
+            (big.as_str(), json!(1.7976931348623157e308)),
+            (big.as_str(), json!(1.7976931348623157e308)),
+        ] {
+            app.post(
+                &format!("/v1/db/{coll}"),
+                Some(&admin),
+                json!({"data": {"points": n, "tags": ["a"]}}),
+            )
+            .await
+            .assert_ok();
+        }
+        let aggs = json!({"aggregations": {"total": {"sum": "points"}, "mean": {"avg": "points"}, "n": {"count": {}}}});
+        let body = app
+            .post(
+                &format!("/v1/db/{name}/_aggregate"),
+                Some(&user),
+                aggs.clone(),
+            )
+            .await;
+        let body = body.assert_ok();
+        assert_eq!(body["n"], 3, "{name}: {body}");
+        let total = body["total"].as_f64().unwrap();
+        assert!(
+            (total - 1.8446744073709552e19).abs() < 1e5,
+            "{name}: {body}"
+        );
+        assert!(
+            (body["mean"].as_f64().unwrap() - total / 3.0).abs() < 1e5,
+            "{name}: {body}"
+        );
+        let reply = app
+            .post(&format!("/v1/db/{big}/_aggregate"), Some(&user), aggs)
+            .await;
+        let message = reply.assert_error(400, "invalid_argument");
+        assert!(message.contains("range"), "{big}: {message}");
+        assert!(
+            !message.chars().any(|c| c.is_ascii_digit()),
+            "{big}: the message quotes a number: {message}"
+        );
+        // Each is fine alone.
+        let fine = app
+            .post(
+                &format!("/v1/db/{big}/_aggregate"),
+                Some(&user),
+                json!({"aggregations": {"high": {"max": "points"}, "n": {"count": {}}}}),
+            )
+            .await;
+        assert_eq!(fine.assert_ok()["n"], 3);
+    }
 }

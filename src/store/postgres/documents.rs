@@ -330,7 +330,9 @@ impl DocumentStore for PgStore {
             sums: Vec::with_capacity(paths.len()),
         };
         for i in 0..paths.len() {
-            let sum: Option<f64> = row.try_get(1 + 2 * i).map_err(map_err)?;
+            let sum: Option<String> = row.try_get(1 + 2 * i).map_err(map_err)?;
+            // Rust reads a decimal past f64's range as infinity, which the caller refuses.
+            let sum = sum.and_then(|text| text.parse::<f64>().ok());
             let count: i64 = row.try_get(2 + 2 * i).map_err(map_err)?;
             out.sums.push((sum.unwrap_or(0.0), count as u64));
         }
