@@ -61,8 +61,16 @@ impl Judge<'_> {
         };
         let spent = self.clock.expired();
         let started = std::time::Instant::now();
-        let evaluated =
-            rule.evaluate_until(&input, self.fetched, Some(started + self.clock.remaining()));
+        let evaluate =
+            || rule.evaluate_until(&input, self.fetched, Some(started + self.clock.remaining()));
+        // A rule with loops may run for its whole budget: on an async worker, hand the
+        // worker's other tasks (say, /health) to another thread meanwhile. The SQLite writer
+        // thread is outside the runtime and evaluates in place.
+        let evaluated = if rule.loops() && on_multi_thread_runtime() {
+            tokio::task::block_in_place(evaluate)
+        } else {
+            evaluate()
+        };
         self.clock.spend(started.elapsed());
         match evaluated {
             Ok(Evaluation::Decided(allowed)) => Ok(allowed),
@@ -75,6 +83,12 @@ impl Judge<'_> {
             }
         }
     }
+}
+
+/// `block_in_place` panics on a current-thread runtime (some tests run on one).
+fn on_multi_thread_runtime() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
 }
 
 pub(super) enum ReadPlan {

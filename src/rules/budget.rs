@@ -141,9 +141,12 @@ pub(crate) fn tick(value: Value) -> Result<Value, ExecutionError> {
 /// when the loop condition is a literal and the step is `acc + [e]` or `g ? acc + [e] : acc`,
 /// so those keep their shape and tick inside `g` or `e`; every other comprehension ticks in
 /// its loop condition, whose errors the interpreter never absorbs.
-pub(crate) fn instrument(expr: &mut IdedExpr) {
-    let mut next_id = max_id(expr) + 1;
+/// Answers whether there was any loop to instrument.
+pub(crate) fn instrument(expr: &mut IdedExpr) -> bool {
+    let first_new = max_id(expr) + 1;
+    let mut next_id = first_new;
     rewrite(expr, &mut next_id);
+    next_id > first_new
 }
 
 fn max_id(expr: &IdedExpr) -> u64 {
@@ -302,6 +305,19 @@ mod tests {
             "request.data.xs.all(a, request.data.xs.all(b, request.data.xs.all(c, c in request.data.xs)))",
         ] {
             assert_eq!(run(slow, numbers(1000)), Err(RuleEvalError::OutOfTime), "{slow}");
+        }
+    }
+
+    #[test]
+    fn a_rule_knows_whether_it_loops() {
+        for (source, loops) in [
+            ("auth != null && resource.data.owner == auth.uid", false),
+            ("size(request.data.tags) < 10", false),
+            ("request.data.tags.all(t, t != '')", true),
+            ("auth != null || [1, 2].exists(x, x == 3)", true),
+            ("request.data.xs.map(x, x * 2).size() > 0", true),
+        ] {
+            assert_eq!(Rule::compile(source).unwrap().loops(), loops, "{source}");
         }
     }
 

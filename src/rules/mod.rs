@@ -80,6 +80,8 @@ struct Compiled {
     expr: IdedExpr,
     /// The same, with the per-iteration [`budget`] checks in its loops, for evaluation.
     program: IdedExpr,
+    /// Whether the rule has loops (macros), the only rules that can take long.
+    loops: bool,
 }
 
 impl fmt::Debug for Rule {
@@ -186,12 +188,13 @@ impl Rule {
         let expr = parse(source)?;
         check::validate(&expr, source)?;
         let mut program = expr.clone();
-        budget::instrument(&mut program);
+        let loops = budget::instrument(&mut program);
         Ok(Rule {
             inner: Arc::new(Compiled {
                 source: source.to_string(),
                 expr,
                 program,
+                loops,
             }),
         })
     }
@@ -199,6 +202,13 @@ impl Rule {
     /// The rule text as written.
     pub fn source(&self) -> &str {
         &self.inner.source
+    }
+
+    /// Whether the rule loops (`all`, `exists`, `exists_one`, `map`, `filter`): only such a
+    /// rule can run for long (up to its time budget), so a caller on an async worker should
+    /// evaluate it where it does not hold the worker.
+    pub fn loops(&self) -> bool {
+        self.inner.loops
     }
 
     /// `Some(b)` when the rule is the literal `true` or `false`: the caller can decide without
