@@ -60,18 +60,26 @@ impl Judge<'_> {
             },
         };
         let spent = self.clock.expired();
-        let started = std::time::Instant::now();
-        let evaluate =
-            || rule.evaluate_until(&input, self.fetched, Some(started + self.clock.remaining()));
+        let evaluate = || {
+            let started = std::time::Instant::now();
+            let evaluated =
+                rule.evaluate_until(&input, self.fetched, Some(started + self.clock.remaining()));
+            self.clock.spend(started.elapsed());
+            evaluated
+        };
         // A rule with loops may run for its whole budget: on an async worker, hand the
-        // worker's other tasks (say, /health) to another thread meanwhile. The SQLite writer
-        // thread is outside the runtime and evaluates in place.
+        // worker's other tasks (say, /health) to another thread meanwhile, and take one of
+        // the few slots such evaluations share, so that together they leave the other cores
+        // to everything else (waiting for a slot is not rule time). The SQLite writer thread
+        // is outside the runtime and evaluates in place.
         let evaluated = if rule.loops() && on_multi_thread_runtime() {
-            tokio::task::block_in_place(evaluate)
+            tokio::task::block_in_place(|| {
+                let _slot = budget::loop_slot();
+                evaluate()
+            })
         } else {
             evaluate()
         };
-        self.clock.spend(started.elapsed());
         match evaluated {
             Ok(Evaluation::Decided(allowed)) => Ok(allowed),
             Ok(Evaluation::Needs(keys)) => Err(Halt::Needs(keys)),

@@ -41,7 +41,7 @@ use crate::config::DocumentsConfig;
 use crate::error::{ApiError, ApiResult};
 use crate::ids::new_id;
 use crate::query::{self, Cursor, Direction, Field, Filter, Op, Operand, Order, Query};
-use crate::rules::budget::RuleClock;
+use crate::rules::budget::{self, RuleClock};
 use crate::rules::{AuthInfo, Evaluation, Pushdown, RequestInfo, Rule, RuleEvalError, RuleInput};
 use crate::store::docsql::is_index_safe_key;
 use crate::store::{

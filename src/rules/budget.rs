@@ -68,6 +68,44 @@ impl RuleClock {
     }
 }
 
+/// Evaluations of rules with loops that may run at once on the runtime's threads: half the
+/// cores (at least one), so that a few requests with expensive rules queue for these instead
+/// of taking every core from the rest of the server.
+static LOOP_SLOTS: std::sync::LazyLock<Slots> = std::sync::LazyLock::new(|| {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    Slots {
+        free: std::sync::Mutex::new((cores / 2).max(1)),
+        freed: std::sync::Condvar::new(),
+    }
+});
+
+struct Slots {
+    free: std::sync::Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+/// One of the loop slots, held until dropped. Blocks: call it where blocking is allowed
+/// (inside `block_in_place`).
+pub fn loop_slot() -> LoopSlot {
+    let slots = &*LOOP_SLOTS;
+    let mut free = slots.free.lock().unwrap_or_else(|p| p.into_inner());
+    while *free == 0 {
+        free = slots.freed.wait(free).unwrap_or_else(|p| p.into_inner());
+    }
+    *free -= 1;
+    LoopSlot(())
+}
+
+pub struct LoopSlot(());
+
+impl Drop for LoopSlot {
+    fn drop(&mut self) {
+        let slots = &*LOOP_SLOTS;
+        *slots.free.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        slots.freed.notify_one();
+    }
+}
+
 /// The function the rewritten comprehensions call; not a name a rule can use (the checker
 /// admits only the documented functions).
 pub(crate) const TICK: &str = "@basalt_tick";
