@@ -419,6 +419,20 @@ impl Config {
                 "`http.max_connections`: must be positive".into(),
             ));
         }
+        if self.changes.poll_interval_ms < 10 {
+            return Err(ConfigError(
+                "`changes.poll_interval_ms`: must be at least 10 (it is a safety net; commits \
+                 wake readers at once)"
+                    .into(),
+            ));
+        }
+        if self.documents.read_rules_time_ms == 0 || self.documents.write_rules_time_ms == 0 {
+            return Err(ConfigError(
+                "`documents.read_rules_time_ms` and `documents.write_rules_time_ms`: must be \
+                 positive"
+                    .into(),
+            ));
+        }
         if self.http.max_header_bytes < 8 * 1024 {
             return Err(ConfigError(
                 "`http.max_header_bytes`: must be at least 8192 bytes".into(),
@@ -559,6 +573,9 @@ mod tests {
                 Config::load(None).expect("loads").changes.poll_interval_ms,
                 250
             );
+            jail.set_env("BASALT_CHANGES__POLL_INTERVAL_MS", "0");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("changes.poll_interval_ms"), "{err}");
             jail.set_env("BASALT_CHANGES__POLL_INTERVAL_MS", "soon");
             let err = Config::load(None).unwrap_err().to_string();
             assert!(err.contains("changes.poll_interval_ms"), "{err}");

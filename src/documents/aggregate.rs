@@ -25,19 +25,26 @@ impl DocumentService {
             ReadPlan::Filter(f) => and(where_, Some(f)),
             // Checked row by row: the `where` applies in memory after the rule (see `read`).
             ReadPlan::PerRow(pre) => {
-                let mut rows = Vec::new();
+                // Folded row by row: the rule may admit the whole collection.
+                let mut folds: Vec<Fold> = specs.iter().map(|(_, agg)| Fold::new(agg)).collect();
                 self.for_each_readable(
                     &coll,
                     principal,
                     pre.as_ref(),
                     where_.as_ref(),
                     &self.read_clock(),
-                    |r| rows.push(document_json(r)),
+                    |r| {
+                        let doc = document_json(r);
+                        for fold in &mut folds {
+                            fold.add(&doc);
+                        }
+                    },
                 )
                 .await?;
                 return specs
                     .iter()
-                    .map(|(name, agg)| Ok((name.clone(), sum_in_range(name, agg.compute(&rows))?)))
+                    .zip(folds)
+                    .map(|((name, _), fold)| Ok((name.clone(), sum_in_range(name, fold.finish())?)))
                     .collect();
             }
         };
@@ -177,37 +184,65 @@ impl Aggregation {
             _ => Value::Null,
         }
     }
+}
 
-    /// The same aggregate computed in Rust over documents already filtered by the rule.
-    pub(super) fn compute(&self, docs: &[Value]) -> Result<Value, OutOfRange> {
-        let numbers = |f: &Field| -> Vec<f64> {
-            docs.iter()
-                .filter_map(|d| f.get(d).and_then(|v| v.as_f64()))
-                .collect()
-        };
-        match self {
-            Aggregation::Count => Ok(json!(docs.len())),
-            Aggregation::Sum(f) => number(numbers(f).iter().sum()),
-            Aggregation::Avg(f) => {
-                let n = numbers(f);
-                if n.is_empty() {
-                    Ok(Value::Null)
-                } else {
-                    number(n.iter().sum::<f64>() / n.len() as f64)
+/// One aggregation computed in Rust over documents already filtered by the rule, one
+/// document at a time.
+struct Fold<'a> {
+    agg: &'a Aggregation,
+    count: u64,
+    sum: f64,
+    pick: Option<Value>,
+}
+
+impl<'a> Fold<'a> {
+    fn new(agg: &'a Aggregation) -> Self {
+        Fold {
+            agg,
+            count: 0,
+            sum: 0.0,
+            pick: None,
+        }
+    }
+
+    fn add(&mut self, doc: &Value) {
+        match self.agg {
+            Aggregation::Count => self.count += 1,
+            Aggregation::Sum(f) | Aggregation::Avg(f) => {
+                if let Some(n) = f.get(doc).and_then(|v| v.as_f64()) {
+                    self.sum += n;
+                    self.count += 1;
                 }
             }
             Aggregation::Min(f) | Aggregation::Max(f) => {
-                let values = docs
-                    .iter()
-                    .filter_map(|d| f.get(d))
-                    .filter(|v| !v.is_null());
-                let pick = if matches!(self, Aggregation::Min(_)) {
-                    values.min_by(|a, b| query::compare_values(Some(a), Some(b)))
-                } else {
-                    values.max_by(|a, b| query::compare_values(Some(a), Some(b)))
+                let Some(v) = f.get(doc).filter(|v| !v.is_null()) else {
+                    return;
                 };
-                Ok(pick.map(|v| v.into_owned()).unwrap_or(Value::Null))
+                let order = self
+                    .pick
+                    .as_ref()
+                    .map(|cur| query::compare_values(Some(&v), Some(cur)));
+                // Documents come in id order: among equals the first is kept, as the SQL path's
+                // order by the field, then `$id`, keeps it.
+                let replace = match (self.agg, order) {
+                    (_, None) => true,
+                    (Aggregation::Min(_), Some(o)) => o == std::cmp::Ordering::Less,
+                    (_, Some(o)) => o == std::cmp::Ordering::Greater,
+                };
+                if replace {
+                    self.pick = Some(v.into_owned());
+                }
             }
+        }
+    }
+
+    fn finish(self) -> Result<Value, OutOfRange> {
+        match self.agg {
+            Aggregation::Count => Ok(json!(self.count)),
+            Aggregation::Sum(_) => number(self.sum),
+            Aggregation::Avg(_) if self.count == 0 => Ok(Value::Null),
+            Aggregation::Avg(_) => number(self.sum / self.count as f64),
+            Aggregation::Min(_) | Aggregation::Max(_) => Ok(self.pick.unwrap_or(Value::Null)),
         }
     }
 }

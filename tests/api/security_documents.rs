@@ -19,6 +19,7 @@ store_tests!(
     the_row_budget_answers_alike_whatever_hidden_rows_hold,
     a_where_with_thousands_of_values_is_refused,
     sums_beyond_any_integer_or_double_answer_alike_and_quote_nothing,
+    aggregates_checked_row_by_row_equal_those_computed_in_sql,
     rule_lookups_in_parallel_batches_neither_starve_the_pool_nor_deny_wrongly,
     rule_lookups_in_a_batch_see_its_earlier_writes,
     out_of_range_times_are_a_bad_request_not_a_dropped_connection,
@@ -966,5 +967,61 @@ async fn sums_beyond_any_integer_or_double_answer_alike_and_quote_nothing(backen
             )
             .await;
         assert_eq!(fine.assert_ok()["n"], 3);
+    }
+}
+
+/// `_aggregate` under a per-row rule folds documents in Rust one at a time (never holding the
+/// collection); it must answer exactly what SQL answers when the rule is a filter.
+async fn aggregates_checked_row_by_row_equal_those_computed_in_sql(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let admin = app.admin_token().await;
+    let (_, user, _) = app.user("u@example.com").await;
+    let values = [
+        json!(3),
+        json!(1),
+        json!(1.0),
+        json!(2.5),
+        json!(-7),
+        json!("b"),
+        json!("a"),
+        json!(true),
+        json!(null),
+        json!([1]),
+        json!({"k": 1}),
+    ];
+    for (name, read) in [
+        ("in_sql", "true"),
+        ("per_row", "resource.data.tags.all(t, t != 'hidden')"),
+    ] {
+        admin_collection(&app, &admin, name, json!({"rules": {"read": read}})).await;
+        let mut writes: Vec<Value> = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                json!({"op": "create", "collection": name, "id": format!("d{i:02}"),
+                                "data": {"v": v, "n": i, "tags": ["a"]}})
+            })
+            .collect();
+        writes.push(json!({"op": "create", "collection": name, "id": "d99", "data": {"tags": []}}));
+        app.post("/v1/db/_batch", Some(&admin), json!({"writes": writes}))
+            .await
+            .assert_ok();
+    }
+    let aggs = json!({"aggregations": {
+        "n": {"count": {}}, "sum_v": {"sum": "v"}, "avg_v": {"avg": "v"},
+        "min_v": {"min": "v"}, "max_v": {"max": "v"}, "sum_n": {"sum": "n"},
+        "min_n": {"min": "n"}, "avg_none": {"avg": "missing"}, "max_none": {"max": "missing"}}});
+    for body in [aggs.clone(), {
+        let mut b = aggs.clone();
+        b["where"] = json!(["n", ">=", 3]);
+        b
+    }] {
+        let sql = app
+            .post("/v1/db/in_sql/_aggregate", Some(&user), body.clone())
+            .await;
+        let per_row = app
+            .post("/v1/db/per_row/_aggregate", Some(&user), body.clone())
+            .await;
+        assert_eq!(sql.assert_ok(), per_row.assert_ok(), "{body}");
     }
 }
