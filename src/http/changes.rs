@@ -17,15 +17,20 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(list_changes))
 }
 
+/// Read as text so that a bad value gets this API's 400 naming the parameter; unknown
+/// parameters (a typo such as `limt`) are refused rather than ignored.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct ChangesQuery {
     /// Return events after this position. Without it: from the oldest retained event.
+    #[param(value_type = Option<i64>)]
     pub after: Option<String>,
     /// At most this many events, 1 to 1000 (default 100).
+    #[param(value_type = Option<i64>)]
     pub limit: Option<String>,
-    /// A topic (`db/posts`: that collection's events) or, ending with `/`, a family of topics
-    /// (`db/`: every collection; `auth/`).
+    /// A topic and everything below it, by whole segments: `db/posts` (that collection's
+    /// events), `db` or `db/` (every collection's), `auth` (accounts').
     pub topic: Option<String>,
 }
 

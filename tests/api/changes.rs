@@ -434,6 +434,10 @@ async fn the_changes_endpoint_is_for_admins_and_checks_its_input(backend: Backen
         reply.assert_error(400, "invalid_argument");
         assert_eq!(reply.body["error"]["details"]["field"], field, "{bad}");
     }
+    // A misspelt parameter is refused, not ignored.
+    app.get("/v1/admin/changes?limt=5", Some(&admin))
+        .await
+        .assert_error(400, "invalid_argument");
     // A topic is that topic and its subtopics; a trailing `/` is a family.
     for name in ["a", "acc"] {
         admin_collection(&app, &admin, name, json!({"rules": open_rules()})).await;
