@@ -677,15 +677,7 @@ async fn postgres_delivers_positions_in_commit_order_not_insert_order() {
         return;
     }
     let app = spawn_app(Backend::Postgres).await;
-    let url = app
-        .state
-        .config
-        .database
-        .url
-        .as_ref()
-        .unwrap()
-        .expose()
-        .clone();
+    let url = app.database_url();
     let mut bus = app.state.changes.subscribe();
     // The append statement's shape: the shared "appending" lock first, then the position.
     async fn append(conn: &mut sqlx::PgConnection, key: &str) -> i64 {

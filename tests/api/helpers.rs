@@ -283,6 +283,18 @@ impl TestApp {
 
     /// Creates an admin (as `basalt admin create` does) and signs in over HTTP; returns the
     /// admin token.
+    /// The database URL this app was started with (PostgreSQL tests connect to it directly).
+    pub fn database_url(&self) -> String {
+        self.state
+            .config
+            .database
+            .url
+            .as_ref()
+            .expect("a database url")
+            .expose()
+            .clone()
+    }
+
     pub async fn admin_token(&self) -> String {
         let email = format!("admin-{}@example.com", basalt::ids::new_id().to_lowercase());
         self.state

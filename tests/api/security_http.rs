@@ -677,15 +677,7 @@ async fn ready_answers_while_every_pooled_connection_is_busy() {
     )
     .await
     .assert_ok();
-    let url = app
-        .state
-        .config
-        .database
-        .url
-        .as_ref()
-        .unwrap()
-        .expose()
-        .clone();
+    let url = app.database_url();
     let mut holder = sqlx::PgConnection::connect(&url).await.unwrap();
     sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
     sqlx::query("SELECT 1 FROM documents WHERE collection = 'hot' AND id = 'x' FOR UPDATE")
