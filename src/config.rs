@@ -419,6 +419,16 @@ impl Config {
                 "`http.max_connections`: must be positive".into(),
             ));
         }
+        // Hours become a chrono::Duration, which a huge value would overflow.
+        if self.changes.consumer_max_lag_hours > 24 * 365 * 100
+            || self.documents.change_retention_hours > 24 * 365 * 100
+        {
+            return Err(ConfigError(
+                "`changes.consumer_max_lag_hours` and `documents.change_retention_hours`: at \
+                 most 876000 (100 years)"
+                    .into(),
+            ));
+        }
         if self.changes.poll_interval_ms < 10 {
             return Err(ConfigError(
                 "`changes.poll_interval_ms`: must be at least 10 (it is a safety net; commits \
@@ -576,6 +586,14 @@ mod tests {
             jail.set_env("BASALT_CHANGES__POLL_INTERVAL_MS", "0");
             let err = Config::load(None).unwrap_err().to_string();
             assert!(err.contains("changes.poll_interval_ms"), "{err}");
+            jail.set_env("BASALT_CHANGES__POLL_INTERVAL_MS", "250");
+            jail.set_env(
+                "BASALT_CHANGES__CONSUMER_MAX_LAG_HOURS",
+                "18446744073709551615",
+            );
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("changes.consumer_max_lag_hours"), "{err}");
+            jail.set_env("BASALT_CHANGES__CONSUMER_MAX_LAG_HOURS", "720");
             jail.set_env("BASALT_CHANGES__POLL_INTERVAL_MS", "soon");
             let err = Config::load(None).unwrap_err().to_string();
             assert!(err.contains("changes.poll_interval_ms"), "{err}");

@@ -67,12 +67,16 @@ impl Judge<'_> {
             self.clock.spend(started.elapsed());
             evaluated
         };
-        // A rule with loops may run for its whole budget: on an async worker, hand the
+        // A rule with loops or a regex may run long: on an async worker, hand the
         // worker's other tasks (say, /health) to another thread meanwhile, and take one of
         // the few slots such evaluations share, so that together they leave the other cores
         // to everything else (waiting for a slot is not rule time). The SQLite writer thread
         // is outside the runtime and evaluates in place.
-        let evaluated = if rule.loops() && on_multi_thread_runtime() {
+        let evaluated = if spent {
+            // The request's rule time is used up. Rules without loops never look at the
+            // clock, so deny here, or a batch of slow regular expressions would run on.
+            Err(RuleEvalError::OutOfTime)
+        } else if rule.may_run_long() && on_multi_thread_runtime() {
             tokio::task::block_in_place(|| {
                 let _slot = budget::loop_slot();
                 evaluate()

@@ -187,6 +187,12 @@ pub(crate) fn instrument(expr: &mut IdedExpr) -> bool {
     next_id > first_new
 }
 
+/// Whether `expr` calls the function `name` anywhere.
+pub(crate) fn calls(expr: &IdedExpr, name: &str) -> bool {
+    matches!(&expr.expr, Expr::Call(call) if call.func_name == name)
+        || children(expr).into_iter().any(|child| calls(child, name))
+}
+
 fn max_id(expr: &IdedExpr) -> u64 {
     let mut max = expr.id;
     for child in children(expr) {
@@ -347,15 +353,21 @@ mod tests {
     }
 
     #[test]
-    fn a_rule_knows_whether_it_loops() {
+    fn a_rule_knows_whether_it_may_run_long() {
         for (source, loops) in [
             ("auth != null && resource.data.owner == auth.uid", false),
             ("size(request.data.tags) < 10", false),
             ("request.data.tags.all(t, t != '')", true),
             ("auth != null || [1, 2].exists(x, x == 3)", true),
             ("request.data.xs.map(x, x * 2).size() > 0", true),
+            ("request.data.s.matches('^a+$')", true),
+            ("auth != null && matches(request.data.s, 'x')", true),
         ] {
-            assert_eq!(Rule::compile(source).unwrap().loops(), loops, "{source}");
+            assert_eq!(
+                Rule::compile(source).unwrap().may_run_long(),
+                loops,
+                "{source}"
+            );
         }
     }
 

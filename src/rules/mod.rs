@@ -80,8 +80,9 @@ struct Compiled {
     expr: IdedExpr,
     /// The same, with the per-iteration [`budget`] checks in its loops, for evaluation.
     program: IdedExpr,
-    /// Whether the rule has loops (macros), the only rules that can take long.
-    loops: bool,
+    /// Whether the rule has loops (macros) or regular expressions: the rules that can take
+    /// long.
+    slow: bool,
 }
 
 impl fmt::Debug for Rule {
@@ -189,12 +190,13 @@ impl Rule {
         check::validate(&expr, source)?;
         let mut program = expr.clone();
         let loops = budget::instrument(&mut program);
+        let slow = loops || budget::calls(&expr, "matches");
         Ok(Rule {
             inner: Arc::new(Compiled {
                 source: source.to_string(),
                 expr,
                 program,
-                loops,
+                slow,
             }),
         })
     }
@@ -204,11 +206,12 @@ impl Rule {
         &self.inner.source
     }
 
-    /// Whether the rule loops (`all`, `exists`, `exists_one`, `map`, `filter`): only such a
-    /// rule can run for long (up to its time budget), so a caller on an async worker should
-    /// evaluate it where it does not hold the worker.
-    pub fn loops(&self) -> bool {
-        self.inner.loops
+    /// Whether the rule may run long: it loops (`all`, `exists`, `exists_one`, `map`,
+    /// `filter`: up to its time budget) or matches a regular expression (linear in the text,
+    /// but not interruptible: a second or more over a large string). A caller on an async
+    /// worker should evaluate it where it does not hold the worker.
+    pub fn may_run_long(&self) -> bool {
+        self.inner.slow
     }
 
     /// `Some(b)` when the rule is the literal `true` or `false`: the caller can decide without

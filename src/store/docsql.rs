@@ -236,7 +236,7 @@ impl<'a> SqlBuilder<'a> {
                         .iter()
                         .map(|x| self.sqlite_equal(&e.value, &e.kind, x))
                         .collect();
-                    let any = format!("({})", parts.join(" OR "));
+                    let any = balanced(parts, "OR");
                     if op == Op::In {
                         any
                     } else {
@@ -257,7 +257,7 @@ impl<'a> SqlBuilder<'a> {
                         "({} = 'array' AND EXISTS (SELECT 1 FROM json_each(data, {}) AS je WHERE {}))",
                         e.kind,
                         e.path_arg,
-                        parts.join(" OR ")
+                        balanced(parts, "OR")
                     )
                 }
                 Op::StartsWith => {
@@ -403,11 +403,11 @@ impl<'a> SqlBuilder<'a> {
         match filter {
             Filter::And(parts) => {
                 let parts: Vec<String> = parts.iter().map(|p| self.filter(p)).collect();
-                format!("({})", parts.join(" AND "))
+                balanced(parts, "AND")
             }
             Filter::Or(parts) => {
                 let parts: Vec<String> = parts.iter().map(|p| self.filter(p)).collect();
-                format!("({})", parts.join(" OR "))
+                balanced(parts, "OR")
             }
             Filter::Clause { field, op, value } => match field {
                 Field::Data(path) => match value {
@@ -615,6 +615,19 @@ impl<'a> SqlBuilder<'a> {
             ),
         }
     }
+}
+
+/// `(a OP b OP c …)` as a balanced tree of parenthesised halves. SQLite parses a flat chain
+/// into a tree as deep as it is long and refuses one deeper than 1000 ("Expression tree is
+/// too large"): a read rule listing 1000 values failed every query with a 500. Balanced, a
+/// chain of n terms is log2(n) deep.
+fn balanced(mut parts: Vec<String>, op: &str) -> String {
+    const FLAT: usize = 64;
+    if parts.len() <= FLAT {
+        return format!("({})", parts.join(&format!(" {op} ")));
+    }
+    let right = parts.split_off(parts.len() / 2);
+    format!("({} {op} {})", balanced(parts, op), balanced(right, op))
 }
 
 /// `WHERE` for a scan: the collection, its filter and (when `with_cursor`) its start position.

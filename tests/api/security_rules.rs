@@ -663,12 +663,20 @@ async fn a_read_rule_larger_than_a_clients_where_may_be_still_filters_queries(ba
     let ored: Vec<String> = (0..150)
         .map(|i| format!("resource.data.s == {}", i * 2))
         .collect();
+    // 1,500 values: SQLite refuses an expression tree deeper than 1000 (a flat OR chain of
+    // them failed every query with a 500).
+    let many: Vec<String> = listed
+        .iter()
+        .cloned()
+        .chain((1000..2350).map(|i| i.to_string()))
+        .collect();
     for (name, rule) in [
         (
             "listed",
             format!("resource.data.s in [{}]", listed.join(", ")),
         ),
         ("ored", ored.join(" || ")),
+        ("many", format!("resource.data.s in [{}]", many.join(", "))),
     ] {
         admin_collection(&app, &admin, name, json!({"rules": {"read": rule}})).await;
         // 0..400: the even ones below 300 are readable, 150 of them.
