@@ -106,6 +106,25 @@ impl Drop for LoopSlot {
     }
 }
 
+/// Longest text (and pattern) `matches()` takes, in bytes: a regular expression runs to its
+/// end, in time linear in the text but with a large factor for counted repetitions (a
+/// hostile 900 KB string kept one check busy for 2–5 s). Past it the rule fails, so denies.
+pub const MAX_MATCHES_TEXT: usize = 16 * 1024;
+
+/// The function that bounds `matches()`'s arguments (see [`MAX_MATCHES_TEXT`]).
+pub(crate) const TEXT: &str = "@basalt_text";
+
+/// Passes a string of at most [`MAX_MATCHES_TEXT`] bytes (or any other value) through.
+pub(crate) fn bounded_text(value: Value) -> Result<Value, ExecutionError> {
+    match &value {
+        Value::String(s) if s.len() > MAX_MATCHES_TEXT => Err(ExecutionError::function_error(
+            "matches",
+            format!("text longer than {MAX_MATCHES_TEXT} bytes"),
+        )),
+        _ => Ok(value),
+    }
+}
+
 /// The function the rewritten comprehensions call; not a name a rule can use (the checker
 /// admits only the documented functions).
 pub(crate) const TICK: &str = "@basalt_tick";
@@ -179,7 +198,8 @@ pub(crate) fn tick(value: Value) -> Result<Value, ExecutionError> {
 /// when the loop condition is a literal and the step is `acc + [e]` or `g ? acc + [e] : acc`,
 /// so those keep their shape and tick inside `g` or `e`; every other comprehension ticks in
 /// its loop condition, whose errors the interpreter never absorbs.
-/// Answers whether there was any loop to instrument.
+/// Also bounds `matches()`'s text ([`MAX_MATCHES_TEXT`]). Answers whether anything was
+/// rewritten (a loop or a `matches()`).
 pub(crate) fn instrument(expr: &mut IdedExpr) -> bool {
     let first_new = max_id(expr) + 1;
     let mut next_id = first_new;
@@ -209,6 +229,16 @@ fn rewrite(expr: &mut IdedExpr, next_id: &mut u64) {
             }
             for arg in &mut call.args {
                 rewrite(arg, next_id);
+            }
+            // A regular expression cannot be stopped once it runs: bound its text and
+            // pattern instead (`x.matches(p)` and `matches(x, p)`).
+            if call.func_name == "matches" {
+                if let Some(target) = call.target.as_deref_mut() {
+                    wrap_with(target, TEXT, next_id);
+                }
+                for arg in &mut call.args {
+                    wrap_with(arg, TEXT, next_id);
+                }
             }
         }
         Expr::Comprehension(c) => {
@@ -301,11 +331,15 @@ fn append_target<'a>(step: &'a mut IdedExpr, accu: &str) -> Option<&'a mut IdedE
 }
 
 fn wrap(expr: &mut IdedExpr, next_id: &mut u64) {
+    wrap_with(expr, TICK, next_id)
+}
+
+fn wrap_with(expr: &mut IdedExpr, function: &str, next_id: &mut u64) {
     let inner = std::mem::take(expr);
     *expr = IdedExpr {
         id: *next_id,
         expr: Expr::Call(CallExpr {
-            func_name: TICK.to_string(),
+            func_name: function.to_string(),
             target: None,
             args: vec![inner],
         }),
@@ -350,6 +384,35 @@ mod tests {
         ] {
             assert_eq!(run(slow, numbers(1000)), Err(RuleEvalError::OutOfTime), "{slow}");
         }
+    }
+
+    #[test]
+    fn matches_takes_bounded_text_and_patterns() {
+        let rule = "request.data.s.matches(request.data.p)";
+        let input = |s: String, p: &str| json!({"xs": [], "s": s, "p": p});
+        let short = "a".repeat(MAX_MATCHES_TEXT);
+        assert_eq!(run(rule, input(short.clone(), "^a+$")), Ok(true));
+        assert_eq!(run(rule, input(short.clone() + "a", "^a+$")), Ok(false));
+        assert_eq!(
+            run(rule, input("aaa".into(), &"a?".repeat(MAX_MATCHES_TEXT))),
+            Ok(false)
+        );
+        // The function form too, and an absorbing `||` still sees a deny only where it
+        // decides.
+        assert_eq!(
+            run(
+                "matches(request.data.s, '^a+$')",
+                input(short.clone() + "a", "")
+            ),
+            Ok(false)
+        );
+        assert_eq!(
+            run(
+                "matches(request.data.s, '^a+$') || true",
+                input(short + "a", "")
+            ),
+            Ok(true)
+        );
     }
 
     #[test]
