@@ -111,6 +111,30 @@ impl Drop for LoopSlot {
 /// hostile 900 KB string kept one check busy for 2–5 s). Past it the rule fails, so denies.
 pub const MAX_MATCHES_TEXT: usize = 16 * 1024;
 
+/// Largest string or list a `+` in a rule may build, in bytes or elements: as large as a
+/// whole document may be.
+pub const MAX_BUILT: usize = 1024 * 1024;
+
+/// The function that bounds what `+` builds (see [`MAX_BUILT`]).
+pub(crate) const SIZED: &str = "@basalt_sized";
+
+/// Passes a value through unless it is a string or list past [`MAX_BUILT`].
+pub(crate) fn bounded_size(value: Value) -> Result<Value, ExecutionError> {
+    let too_big = match &value {
+        Value::String(s) => s.len() > MAX_BUILT,
+        Value::List(l) => l.len() > MAX_BUILT,
+        Value::Bytes(b) => b.len() > MAX_BUILT,
+        _ => false,
+    };
+    if too_big {
+        return Err(ExecutionError::function_error(
+            "+",
+            format!("result larger than {MAX_BUILT} bytes or elements"),
+        ));
+    }
+    Ok(value)
+}
+
 /// The function that bounds `matches()`'s arguments (see [`MAX_MATCHES_TEXT`]).
 pub(crate) const TEXT: &str = "@basalt_text";
 
@@ -229,6 +253,17 @@ fn rewrite(expr: &mut IdedExpr, next_id: &mut u64) {
             }
             for arg in &mut call.args {
                 rewrite(arg, next_id);
+            }
+            // Concatenation doubles: a tree of `s + s` over a 1 MB string built gigabytes
+            // without a loop. Bound each result (not a macro's own `@result + [e]` step,
+            // whose shape the interpreter needs to build lists in place).
+            let appends_to_accumulator = matches!(
+                call.args.first(),
+                Some(IdedExpr { expr: Expr::Ident(name), .. }) if name.starts_with('@')
+            );
+            if call.func_name == operators::ADD && !appends_to_accumulator {
+                wrap_with(expr, SIZED, next_id);
+                return;
             }
             // A regular expression cannot be stopped once it runs: bound its text and
             // pattern instead (`x.matches(p)` and `matches(x, p)`).
@@ -411,6 +446,37 @@ mod tests {
                 "matches(request.data.s, '^a+$') || true",
                 input(short + "a", "")
             ),
+            Ok(true)
+        );
+    }
+
+    #[test]
+    fn concatenation_is_bounded_and_list_building_loops_keep_their_shape() {
+        let half = "a".repeat(MAX_BUILT / 2);
+        let data = json!({"xs": [1, 2], "s": half});
+        // Exactly the limit is fine; one doubling more is an error, so a deny.
+        assert_eq!(
+            run("size(request.data.s + request.data.s) > 0", data.clone()),
+            Ok(true)
+        );
+        let tree =
+            "size(((request.data.s + request.data.s) + (request.data.s + request.data.s)) + \
+                    ((request.data.s + request.data.s) + (request.data.s + request.data.s))) > 0";
+        assert_eq!(run(tree, data.clone()), Ok(false));
+        assert_eq!(
+            run("request.data.xs + [3] == [1, 2, 3]", data.clone()),
+            Ok(true)
+        );
+        assert_eq!(
+            run("1 + 2 == 3 && 'a' + 'b' == 'ab'", data.clone()),
+            Ok(true)
+        );
+        assert_eq!(
+            run("request.data.xs.map(x, x + 1) == [2, 3]", data.clone()),
+            Ok(true)
+        );
+        assert_eq!(
+            run("request.data.xs.exists_one(x, x + 1 == 2)", data),
             Ok(true)
         );
     }

@@ -109,7 +109,8 @@ fn root_context() -> Context<'static, 'static> {
     );
     let tick = ctx.add_function(super::budget::TICK, super::budget::tick);
     let text = ctx.add_function(super::budget::TEXT, super::budget::bounded_text);
-    if let Err(error) = tick.and(text) {
+    let sized = ctx.add_function(super::budget::SIZED, super::budget::bounded_size);
+    if let Err(error) = tick.and(text).and(sized) {
         tracing::error!(%error, "rule time budget not registered");
     }
     // Only a standard-library overload of the same name could refuse them (a unit test pins
