@@ -3,15 +3,20 @@
 use super::*;
 
 impl AuthService {
-    pub async fn create_admin(&self, email: &str, password: &str) -> ApiResult<AdminRow> {
+    /// A new admin's row: the email normalised, the password checked and hashed.
+    async fn new_admin(&self, email: &str, password: &str) -> ApiResult<AdminRow> {
         let email = normalize_email(email)?;
         self.check_password_strength(password)?;
-        let admin = AdminRow {
+        Ok(AdminRow {
             id: new_id(),
             email,
             password_hash: self.passwords.hash(password).await?,
             created_at: Utc::now(),
-        };
+        })
+    }
+
+    pub async fn create_admin(&self, email: &str, password: &str) -> ApiResult<AdminRow> {
+        let admin = self.new_admin(email, password).await?;
         match self.store.insert_admin(&admin).await {
             Err(StoreError::AlreadyExists(_)) => Err(ApiError::AlreadyExists(
                 "an admin with this email already exists".into(),
@@ -83,14 +88,7 @@ impl AuthService {
         {
             return Err(denied());
         }
-        let email = normalize_email(email)?;
-        self.check_password_strength(password)?;
-        let admin = AdminRow {
-            id: new_id(),
-            email,
-            password_hash: self.passwords.hash(password).await?,
-            created_at: Utc::now(),
-        };
+        let admin = self.new_admin(email, password).await?;
         if !self
             .store
             .insert_first_admin(SETUP_TOKEN_META, &stored, &admin)

@@ -594,6 +594,16 @@ async fn a_write_through_one_node_reaches_the_other_nodes_bus() {
         .await
         .unwrap();
     let after = before["next_after"].as_i64().unwrap();
+    // A node's events of `db/shared` since then.
+    let shared_after = |node: &Node| {
+        let page = call(
+            node,
+            Method::GET,
+            &format!("/v1/admin/changes?after={after}&topic=db/shared"),
+            None,
+        );
+        async move { page.await.unwrap().json::<Value>().await.unwrap() }
+    };
     let created = call(
         &a,
         Method::POST,
@@ -607,17 +617,7 @@ async fn a_write_through_one_node_reaches_the_other_nodes_bus() {
     // there means B's tailer was woken (its safety poll is a minute away) and read it.
     let mut found = None;
     for _ in 0..100 {
-        let page: Value = call(
-            &b,
-            Method::GET,
-            &format!("/v1/admin/changes?after={after}&topic=db/shared"),
-            None,
-        )
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        let page = shared_after(&b).await;
         if let Some(e) = page["changes"].as_array().and_then(|c| c.first()) {
             found = Some(e.clone());
             break;
@@ -640,17 +640,7 @@ async fn a_write_through_one_node_reaches_the_other_nodes_bus() {
     assert_eq!(created.status(), 201);
     let mut keys = BTreeSet::new();
     for _ in 0..100 {
-        let page: Value = call(
-            &a,
-            Method::GET,
-            &format!("/v1/admin/changes?after={after}&topic=db/shared"),
-            None,
-        )
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        let page = shared_after(&a).await;
         let changes = page["changes"].as_array().unwrap();
         keys = changes
             .iter()
