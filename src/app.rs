@@ -30,6 +30,8 @@ pub struct AppState {
     pub documents: Arc<DocumentService>,
     /// The change stream: in-process fan-out, log reads, durable consumers, retention.
     pub changes: Arc<crate::changes::ChangeBus>,
+    /// Realtime subscriptions and channels (`GET /v1/realtime`).
+    pub realtime: Arc<crate::realtime::Realtime>,
     pub metrics: &'static PrometheusHandle,
     /// The externally visible base URL (`public_url`, or `http://<bound address>`).
     pub public_url: Arc<str>,
@@ -66,16 +68,26 @@ impl App {
             AuthService::new(store.clone(), config.auth.clone(), config.token_issuer()).await?;
         let changes =
             crate::changes::ChangeBus::start(store.clone(), config.changes.clone()).await?;
+        let auth = Arc::new(auth);
+        let documents =
+            Arc::new(DocumentService::new(store.clone(), config.documents.clone()).await?);
+        let realtime = crate::realtime::Realtime::start(
+            store.clone(),
+            documents.clone(),
+            auth.clone(),
+            changes.clone(),
+            config.realtime.clone(),
+        )
+        .await?;
         let state = AppState {
             changes,
+            realtime,
             audit: Arc::new(crate::audit::AuditLog::new(store.clone())),
             auth_limits: Arc::new(AuthRateLimits::new(&config.rate_limit)),
-            documents: Arc::new(
-                DocumentService::new(store.clone(), config.documents.clone()).await?,
-            ),
+            documents,
             config: Arc::new(config),
             store,
-            auth: Arc::new(auth),
+            auth,
             metrics: crate::telemetry::prometheus(),
             public_url,
         };
@@ -165,6 +177,7 @@ impl App {
             let _ = metrics.await;
         }
         background.abort();
+        state.realtime.stop().await;
         Ok(())
     }
 }

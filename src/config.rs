@@ -56,6 +56,7 @@ pub struct Config {
     pub documents: DocumentsConfig,
     pub changes: ChangesConfig,
     pub metrics: MetricsConfig,
+    pub realtime: RealtimeConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -207,6 +208,62 @@ pub struct ChangesConfig {
     pub poll_interval_ms: u64,
 }
 
+/// Realtime (`GET /v1/realtime`, docs/realtime.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RealtimeConfig {
+    /// Subscriptions one connection may hold at once.
+    pub max_subscriptions_per_connection: usize,
+    /// Channels one connection may join at once.
+    pub max_channels_per_connection: usize,
+    /// Largest message a client may send, in bytes; a larger one is answered with an error
+    /// and dropped. Frames over four times this close the connection (1009).
+    pub max_message_bytes: usize,
+    /// Messages queued for one client before it counts as too slow and is closed (4008).
+    pub send_queue: usize,
+    /// Changes queued for one connection before it reads them from the change log instead.
+    pub event_queue: usize,
+    /// A connection that sends no valid message this long after opening is closed.
+    pub hello_timeout_secs: u64,
+    /// How often the server pings each connection (and announces this node to the others);
+    /// a connection silent for two of these is closed.
+    pub heartbeat_secs: u64,
+    /// How long after its last heartbeat another node's presence entries are dropped.
+    pub presence_timeout_secs: u64,
+    /// Most missed changes one resume replays; past it the subscription gets a fresh
+    /// snapshot with `reset: true`.
+    pub max_resume_events: usize,
+    /// Who may join and broadcast on channels: CEL over `auth` and `channel`. Unset: users
+    /// may not (admins and service keys always may).
+    pub channels: ChannelRulesConfig,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChannelRulesConfig {
+    /// Who may join a channel (and see its presence and broadcasts).
+    pub join: Option<String>,
+    /// Who may broadcast on a channel they joined.
+    pub broadcast: Option<String>,
+}
+
+impl Default for RealtimeConfig {
+    fn default() -> Self {
+        RealtimeConfig {
+            max_subscriptions_per_connection: 100,
+            max_channels_per_connection: 20,
+            max_message_bytes: 64 * 1024,
+            send_queue: 1024,
+            event_queue: 1024,
+            hello_timeout_secs: 10,
+            heartbeat_secs: 25,
+            presence_timeout_secs: 15,
+            max_resume_events: 10_000,
+            channels: ChannelRulesConfig::default(),
+        }
+    }
+}
+
 impl Default for ChangesConfig {
     fn default() -> Self {
         ChangesConfig {
@@ -231,6 +288,7 @@ impl Default for Config {
             documents: DocumentsConfig::default(),
             changes: ChangesConfig::default(),
             metrics: MetricsConfig::default(),
+            realtime: RealtimeConfig::default(),
         }
     }
 }
@@ -443,6 +501,42 @@ impl Config {
                     .into(),
             ));
         }
+        let rt = &self.realtime;
+        for (key, value) in [
+            (
+                "realtime.max_subscriptions_per_connection",
+                rt.max_subscriptions_per_connection as u64,
+            ),
+            (
+                "realtime.max_channels_per_connection",
+                rt.max_channels_per_connection as u64,
+            ),
+            ("realtime.send_queue", rt.send_queue as u64),
+            ("realtime.event_queue", rt.event_queue as u64),
+            ("realtime.hello_timeout_secs", rt.hello_timeout_secs),
+            ("realtime.heartbeat_secs", rt.heartbeat_secs),
+            ("realtime.presence_timeout_secs", rt.presence_timeout_secs),
+        ] {
+            if value == 0 || value > 1_000_000 {
+                return Err(ConfigError(format!(
+                    "`{key}`: must be between 1 and 1000000"
+                )));
+            }
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&rt.max_message_bytes) {
+            return Err(ConfigError(
+                "`realtime.max_message_bytes`: must be between 1024 and 16777216".into(),
+            ));
+        }
+        for (key, rule) in [
+            ("realtime.channels.join", &rt.channels.join),
+            ("realtime.channels.broadcast", &rt.channels.broadcast),
+        ] {
+            if let Some(rule) = rule {
+                crate::rules::Rule::compile_channel(rule)
+                    .map_err(|e| ConfigError(format!("`{key}`: {e}")))?;
+            }
+        }
         if self.http.max_header_bytes < 8 * 1024 {
             return Err(ConfigError(
                 "`http.max_header_bytes`: must be at least 8192 bytes".into(),
@@ -519,6 +613,7 @@ const TOP_LEVEL: &[&str] = &[
     "documents",
     "changes",
     "metrics",
+    "realtime",
 ];
 
 fn names_setting(key_after_prefix: &str) -> bool {

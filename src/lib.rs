@@ -13,6 +13,7 @@ pub mod error;
 pub mod http;
 pub mod ids;
 pub mod query;
+pub mod realtime;
 pub mod rules;
 pub mod store;
 pub mod telemetry;

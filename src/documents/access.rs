@@ -1,7 +1,7 @@
 //! Access: the collection rules applied to one caller — the write-time [`Judge`] (which
 //! asks the store for the documents `get()`/`exists()` need), the read check with lookups
-//! fetched asynchronously, and how a `read` rule restricts a scan (pushdown). Realtime will
-//! apply the same checks to each change it delivers.
+//! fetched asynchronously, and how a `read` rule restricts a scan (pushdown). Realtime
+//! applies the same checks to each change it delivers ([`ReadCheck`]).
 
 use super::*;
 
@@ -43,6 +43,18 @@ impl Judge<'_> {
         resource: Option<&DocumentRow>,
         data: Option<&Value>,
     ) -> Result<bool, Halt> {
+        self.allows_document(rule, method, resource.map(document_json), data)
+    }
+
+    /// [`Judge::allows`] with the stored document as the API shows it (a change-stream event
+    /// carries it so).
+    pub(super) fn allows_document(
+        &self,
+        rule: &Option<Rule>,
+        method: &str,
+        resource: Option<Value>,
+        data: Option<&Value>,
+    ) -> Result<bool, Halt> {
         if matches!(self.principal, Principal::Privileged) {
             return Ok(true);
         }
@@ -52,7 +64,7 @@ impl Judge<'_> {
         }
         let input = RuleInput {
             auth: self.principal.auth().cloned(),
-            resource: resource.map(document_json),
+            resource,
             request: RequestInfo {
                 method: method.into(),
                 time: self.now,
@@ -129,6 +141,27 @@ impl DocumentService {
         cache: &mut Fetched,
         clock: &RuleClock,
     ) -> bool {
+        self.may_read_document(
+            rule,
+            principal,
+            method,
+            row.map(document_json),
+            cache,
+            clock,
+        )
+        .await
+    }
+
+    /// [`DocumentService::may_read`] with the document as the API shows it.
+    pub(super) async fn may_read_document(
+        &self,
+        rule: &Option<Rule>,
+        principal: &Principal,
+        method: &str,
+        doc: Option<Value>,
+        cache: &mut Fetched,
+        clock: &RuleClock,
+    ) -> bool {
         let now = Utc::now();
         let mut fetched = Fetched::new();
         loop {
@@ -138,7 +171,7 @@ impl DocumentService {
                 fetched: &fetched,
                 clock,
             };
-            match judge.allows(rule, method, row, None) {
+            match judge.allows_document(rule, method, doc.clone(), None) {
                 Ok(allowed) => return allowed,
                 Err(Halt::Api(_)) => return false,
                 Err(Halt::Needs(keys)) => {
@@ -191,5 +224,66 @@ impl DocumentService {
             Pushdown::Partial { filter } => ReadPlan::PerRow(Some(parse_rule_filter(&filter)?)),
             Pushdown::Residual => ReadPlan::PerRow(None),
         })
+    }
+}
+
+/// The `read` rule of one collection for one caller, for documents checked one at a time as
+/// they change (realtime): the same plan a query uses — no check, no document, an in-memory
+/// filter, or the rule evaluated per document.
+pub struct ReadCheck {
+    principal: Principal,
+    coll: Arc<Collection>,
+    plan: ReadPlan,
+}
+
+impl ReadCheck {
+    /// The collection's definition the check was made from (compare with
+    /// [`DocumentService::collection`] to notice new rules).
+    pub fn collection(&self) -> &Arc<Collection> {
+        &self.coll
+    }
+}
+
+impl DocumentService {
+    /// How the collection's `read` rule applies to `caller`'s view of single documents.
+    /// `permission_denied` when the collection has no `read` rule (and the caller is not
+    /// privileged), as for a query.
+    pub async fn read_check(&self, caller: &Caller, collection: &str) -> ApiResult<ReadCheck> {
+        let principal = Principal::from(caller);
+        let coll = self.collection(collection).await?;
+        let plan = self.read_plan(&coll, &principal)?;
+        Ok(ReadCheck {
+            principal,
+            coll,
+            plan,
+        })
+    }
+
+    /// Whether the caller of `check` may read `doc` (a document as the API shows it, such as
+    /// a change-stream event's `data`). `get()`/`exists()` read the database now; `lookups`
+    /// keeps what they fetched for the caller's next checks.
+    pub async fn readable(&self, check: &ReadCheck, doc: &Value, lookups: &mut Fetched) -> bool {
+        match &check.plan {
+            ReadPlan::All => true,
+            ReadPlan::Nothing => false,
+            ReadPlan::Filter(f) => query::matches(f, doc),
+            ReadPlan::PerRow(pre) => {
+                if pre.as_ref().is_some_and(|f| !query::matches(f, doc)) {
+                    return false;
+                }
+                if lookups.len() > MAX_CACHED_LOOKUPS {
+                    lookups.clear();
+                }
+                self.may_read_document(
+                    &check.coll.read,
+                    &check.principal,
+                    "get",
+                    Some(doc.clone()),
+                    lookups,
+                    &RuleClock::new(budget::RULE_TIME_LIMIT),
+                )
+                .await
+            }
+        }
     }
 }

@@ -21,6 +21,7 @@ pub mod patch;
 mod read;
 mod write;
 
+pub use access::ReadCheck;
 pub use collections::{
     check_collection_name, check_document_id, Collection, CollectionSpec, CollectionView,
     IndexDecl, RulesSpec,

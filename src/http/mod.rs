@@ -11,6 +11,7 @@ pub mod changes;
 pub mod documents;
 pub mod extract;
 pub mod ops;
+pub mod realtime;
 pub mod server;
 
 use std::future::Future;
@@ -49,6 +50,7 @@ pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id"
         (name = "admin", description = "Administration (admin token or service key)"),
         (name = "documents", description = "The document database"),
         (name = "ops", description = "Health, readiness, metrics, keys"),
+        (name = "realtime", description = "WebSocket subscriptions and channels (docs/realtime.md)"),
     )
 )]
 pub struct ApiDoc;
@@ -82,6 +84,7 @@ pub fn api() -> OpenApiRouter<AppState> {
                 .merge(changes::router()),
         )
         .nest("/v1/db", documents::router())
+        .merge(realtime::router())
 }
 
 /// The served router: all routes, `/v1/openapi.json`, and the middleware stack.

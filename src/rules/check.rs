@@ -9,7 +9,9 @@ use cel::common::ast::{CallExpr, EntryExpr, Expr, IdedExpr};
 
 use super::RuleCompileError;
 
-pub(crate) const VARIABLES: [&str; 3] = ["auth", "resource", "request"];
+pub(crate) const VARIABLES: &[&str] = &["auth", "resource", "request"];
+/// The variables of a realtime channel rule (`realtime.channels` in the config).
+pub(crate) const CHANNEL_VARIABLES: &[&str] = &["auth", "channel"];
 
 /// Functions of cel's standard library that rules may call, plus ours. An allow-list rather
 /// than whatever the library registers: a function a future version adds is refused at
@@ -48,88 +50,102 @@ pub(crate) fn is_operator(name: &str) -> bool {
     name.starts_with('_') || name.starts_with('@') || name == "!_" || name == "-_"
 }
 
-pub(crate) fn validate(expr: &IdedExpr, source: &str) -> Result<(), RuleCompileError> {
+pub(crate) fn validate(
+    expr: &IdedExpr,
+    source: &str,
+    variables: &[&str],
+) -> Result<(), RuleCompileError> {
     let mut bound = Vec::new();
-    walk(expr, &mut bound, source)
+    Walk { source, variables }.walk(expr, &mut bound)
 }
 
-fn walk(expr: &IdedExpr, bound: &mut Vec<String>, source: &str) -> Result<(), RuleCompileError> {
-    match &expr.expr {
-        Expr::Unspecified => Err(RuleCompileError::new("incomplete expression", 1, 1)),
-        Expr::Ident(name) => {
-            if VARIABLES.contains(&name.as_str()) || bound.iter().any(|b| b == name) {
-                Ok(())
-            } else {
-                Err(at(
+struct Walk<'a> {
+    source: &'a str,
+    variables: &'a [&'a str],
+}
+
+impl Walk<'_> {
+    fn walk(&self, expr: &IdedExpr, bound: &mut Vec<String>) -> Result<(), RuleCompileError> {
+        let source = self.source;
+        match &expr.expr {
+            Expr::Unspecified => Err(RuleCompileError::new("incomplete expression", 1, 1)),
+            Expr::Ident(name) => {
+                if self.variables.contains(&name.as_str()) || bound.iter().any(|b| b == name) {
+                    Ok(())
+                } else {
+                    Err(at(
+                        source,
+                        name,
+                        format!(
+                            "unknown identifier `{name}`: rules can use {}",
+                            self.variables
+                                .iter()
+                                .map(|v| format!("`{v}`"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ))
+                }
+            }
+            Expr::Literal(_) => Ok(()),
+            Expr::Select(select) => self.walk(&select.operand, bound),
+            Expr::List(list) => list.elements.iter().try_for_each(|e| self.walk(e, bound)),
+            Expr::Map(map) => map.entries.iter().try_for_each(|entry| match &entry.expr {
+                EntryExpr::MapEntry(e) => {
+                    self.walk(&e.key, bound)?;
+                    self.walk(&e.value, bound)
+                }
+                EntryExpr::StructField(f) => Err(at(
                     source,
-                    name,
-                    format!(
-                        "unknown identifier `{name}`: rules can use `auth`, `resource` and `request`"
-                    ),
-                ))
-            }
-        }
-        Expr::Literal(_) => Ok(()),
-        Expr::Select(select) => walk(&select.operand, bound, source),
-        Expr::List(list) => list
-            .elements
-            .iter()
-            .try_for_each(|e| walk(e, bound, source)),
-        Expr::Map(map) => map.entries.iter().try_for_each(|entry| match &entry.expr {
-            EntryExpr::MapEntry(e) => {
-                walk(&e.key, bound, source)?;
-                walk(&e.value, bound, source)
-            }
-            EntryExpr::StructField(f) => Err(at(
+                    &f.field,
+                    "message construction is not supported in rules".to_string(),
+                )),
+            }),
+            Expr::Struct(s) => Err(at(
                 source,
-                &f.field,
+                &s.type_name,
                 "message construction is not supported in rules".to_string(),
             )),
-        }),
-        Expr::Struct(s) => Err(at(
-            source,
-            &s.type_name,
-            "message construction is not supported in rules".to_string(),
-        )),
-        Expr::Call(call) => check_call(call, bound, source),
-        Expr::Comprehension(c) => {
-            walk(&c.iter_range, bound, source)?;
-            walk(&c.accu_init, bound, source)?;
-            let scope = bound.len();
-            bound.push(c.iter_var.clone());
-            bound.extend(c.iter_var2.clone());
-            bound.push(c.accu_var.clone());
-            let inner = walk(&c.loop_cond, bound, source)
-                .and_then(|_| walk(&c.loop_step, bound, source))
-                .and_then(|_| walk(&c.result, bound, source));
-            bound.truncate(scope);
-            inner
+            Expr::Call(call) => self.check_call(call, bound),
+            Expr::Comprehension(c) => {
+                self.walk(&c.iter_range, bound)?;
+                self.walk(&c.accu_init, bound)?;
+                let scope = bound.len();
+                bound.push(c.iter_var.clone());
+                bound.extend(c.iter_var2.clone());
+                bound.push(c.accu_var.clone());
+                let inner = self
+                    .walk(&c.loop_cond, bound)
+                    .and_then(|_| self.walk(&c.loop_step, bound))
+                    .and_then(|_| self.walk(&c.result, bound));
+                bound.truncate(scope);
+                inner
+            }
         }
     }
-}
 
-fn check_call(
-    call: &CallExpr,
-    bound: &mut Vec<String>,
-    source: &str,
-) -> Result<(), RuleCompileError> {
-    let name = call.func_name.as_str();
-    if !is_operator(name) {
-        if !FUNCTIONS.contains(&name) {
-            return Err(at(source, name, format!("unknown function `{name}`")));
+    fn check_call(&self, call: &CallExpr, bound: &mut Vec<String>) -> Result<(), RuleCompileError> {
+        let source = self.source;
+        let name = call.func_name.as_str();
+        if !is_operator(name) {
+            if !FUNCTIONS.contains(&name) {
+                return Err(at(source, name, format!("unknown function `{name}`")));
+            }
+            if (name == "get" || name == "exists")
+                && (call.target.is_some() || call.args.len() != 2)
+            {
+                return Err(at(
+                    source,
+                    name,
+                    format!("`{name}` takes two arguments: {name}(collection, id)"),
+                ));
+            }
         }
-        if (name == "get" || name == "exists") && (call.target.is_some() || call.args.len() != 2) {
-            return Err(at(
-                source,
-                name,
-                format!("`{name}` takes two arguments: {name}(collection, id)"),
-            ));
+        if let Some(target) = &call.target {
+            self.walk(target, bound)?;
         }
+        call.args.iter().try_for_each(|a| self.walk(a, bound))
     }
-    if let Some(target) = &call.target {
-        walk(target, bound, source)?;
-    }
-    call.args.iter().try_for_each(|a| walk(a, bound, source))
 }
 
 fn at(source: &str, word: &str, message: String) -> RuleCompileError {

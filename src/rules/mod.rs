@@ -179,6 +179,17 @@ impl DocumentLookup for NoLookup {
 
 impl Rule {
     pub fn compile(source: &str) -> Result<Rule, RuleCompileError> {
+        Rule::compile_with(source, check::VARIABLES)
+    }
+
+    /// Compiles a realtime channel rule (`realtime.channels.*` in the config): its variables
+    /// are `auth` and `channel` (the channel's name, a string). Evaluate it with
+    /// [`Rule::allows_channel`].
+    pub fn compile_channel(source: &str) -> Result<Rule, RuleCompileError> {
+        Rule::compile_with(source, check::CHANNEL_VARIABLES)
+    }
+
+    fn compile_with(source: &str, variables: &[&str]) -> Result<Rule, RuleCompileError> {
         if source.trim().is_empty() {
             return Err(RuleCompileError::new(
                 "empty rule; write `true` to allow everyone",
@@ -187,7 +198,7 @@ impl Rule {
             ));
         }
         let expr = parse(source)?;
-        check::validate(&expr, source)?;
+        check::validate(&expr, source, variables)?;
         let mut program = expr.clone();
         let loops = budget::instrument(&mut program);
         let slow = loops || budget::calls(&expr, "matches");
@@ -312,6 +323,29 @@ impl Rule {
                 }
             }
         }
+    }
+
+    /// Whether a channel rule ([`Rule::compile_channel`]) lets `auth` use `channel`. Only the
+    /// bool `true` allows; an error, a non-bool, a `get()` (no documents are read here) or
+    /// running out of time denies.
+    pub fn allows_channel(&self, auth: Option<&AuthInfo>, channel: &str) -> bool {
+        if let Some(constant) = self.constant() {
+            return constant;
+        }
+        if value::auth_too_deep(auth) {
+            return false;
+        }
+        let cache = Arc::new(Mutex::new(eval::LookupCache::with_documents(
+            &Fetched::new(),
+        )));
+        let (outcome, out_of_time) = budget::evaluation(None, || {
+            eval::with_context(cache.clone(), |ctx| {
+                ctx.add_variable_from_value("auth", value::auth_to_cel(auth));
+                ctx.add_variable_from_value("channel", Value::String(Arc::new(channel.into())));
+                eval::eval(&self.inner.program, ctx)
+            })
+        });
+        !out_of_time && matches!(outcome, Ok(Value::Bool(true)))
     }
 
     /// Partially evaluates the rule for a query by this caller at `now`; see [`Pushdown`].

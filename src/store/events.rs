@@ -215,6 +215,16 @@ pub trait EventStore: Send + Sync {
     /// Other nodes' announcements, as wake-ups (PostgreSQL: `LISTEN` on a connection of its
     /// own; SQLite: `None`). The stream ends when that connection is lost.
     async fn announcements(&self) -> StoreResult<Option<BoxStream<'static, ()>>>;
+
+    /// Sends a realtime message (channel broadcasts, presence) to every node sharing the
+    /// database, this one included (PostgreSQL: `NOTIFY`, a body too large for a payload kept
+    /// in a table for a few minutes and sent by id; SQLite: nothing, it has no other nodes).
+    async fn send_to_nodes(&self, body: &str) -> StoreResult<()>;
+
+    /// Realtime messages sent by any node, in the order the database delivers them
+    /// (PostgreSQL: `LISTEN` on a connection of its own; SQLite: `None`). The stream ends when
+    /// that connection is lost: messages sent meanwhile are not seen.
+    async fn node_messages(&self) -> StoreResult<Option<BoxStream<'static, String>>>;
 }
 
 /// The topic of a collection's documents.

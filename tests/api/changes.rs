@@ -476,9 +476,9 @@ async fn the_changes_endpoint_is_for_admins_and_checks_its_input(backend: Backen
 // ------------------------------------------------------------------------------------------
 // Two server processes on one PostgreSQL database.
 
-struct Node {
-    child: std::process::Child,
-    base: String,
+pub(crate) struct Node {
+    pub(crate) child: std::process::Child,
+    pub(crate) base: String,
 }
 
 impl Drop for Node {
@@ -496,7 +496,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn basalt_cmd(database_url: &str, data_dir: &std::path::Path) -> std::process::Command {
+pub(crate) fn basalt_cmd(database_url: &str, data_dir: &std::path::Path) -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_basalt"));
     cmd.env("BASALT_DATABASE__URL", database_url)
         .env("BASALT_DATA_DIR", data_dir)
@@ -509,9 +509,19 @@ fn basalt_cmd(database_url: &str, data_dir: &std::path::Path) -> std::process::C
 }
 
 async fn start_node(database_url: &str, data_dir: &std::path::Path) -> Node {
+    start_node_with(database_url, data_dir, &[]).await
+}
+
+/// Starts `basalt serve` on a free port with extra environment; waits until it is ready.
+pub(crate) async fn start_node_with(
+    database_url: &str,
+    data_dir: &std::path::Path,
+    env: &[(&str, &str)],
+) -> Node {
     let port = free_port();
     let node = Node {
         child: basalt_cmd(database_url, data_dir)
+            .envs(env.iter().copied())
             .arg("serve")
             .env("BASALT_LISTEN", format!("127.0.0.1:{port}"))
             .stdout(std::process::Stdio::null())

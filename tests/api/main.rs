@@ -8,6 +8,7 @@ mod changes;
 mod cli;
 mod documents;
 mod ops;
+mod realtime;
 mod rules;
 mod security_auth;
 mod security_documents;

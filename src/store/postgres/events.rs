@@ -30,6 +30,13 @@ use crate::store::{Actor, EventOp, StoreResult};
 const PRUNED_THROUGH: &str = "events_pruned_through";
 /// The channel nodes announce committed events on.
 const CHANNEL: &str = "basalt_events";
+/// The channel of realtime messages between nodes.
+const REALTIME_CHANNEL: &str = "basalt_realtime";
+/// Largest body sent as a NOTIFY payload (PostgreSQL's limit is 8000 bytes); larger ones go
+/// through `realtime_messages`, and the payload is `#<id>`.
+const MAX_NOTIFY_BODY: usize = 7900;
+/// How long a large realtime message is kept for nodes to fetch.
+const REALTIME_MESSAGE_TTL: &str = "5 minutes";
 /// The advisory lock every appending transaction holds, shared, until it ends (two-key form:
 /// `pg_locks` shows it as classid 1651731572 ('bslt'), objid 1, objsubid 2), taken before its
 /// positions, with the transaction id the rows record.
@@ -394,6 +401,64 @@ impl EventStore for PgStore {
             .into_stream()
             .take_while(|n| std::future::ready(n.is_ok()))
             .map(|_| ());
+        Ok(Some(stream.boxed()))
+    }
+
+    async fn send_to_nodes(&self, body: &str) -> StoreResult<()> {
+        let payload = if body.len() <= MAX_NOTIFY_BODY && !body.starts_with('#') {
+            body.to_string()
+        } else {
+            let id: i64 =
+                sqlx::query_scalar("INSERT INTO realtime_messages (body) VALUES ($1) RETURNING id")
+                    .bind(body)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(map_err)?;
+            // Old large messages go as new ones come; no node reads them after a few seconds.
+            if id % 64 == 0 {
+                sqlx::query(&format!(
+                    "DELETE FROM realtime_messages WHERE created_at < now() - interval '{REALTIME_MESSAGE_TTL}'"
+                ))
+                .execute(&self.pool)
+                .await
+                .map_err(map_err)?;
+            }
+            format!("#{id}")
+        };
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(REALTIME_CHANNEL)
+            .bind(payload)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn node_messages(&self) -> StoreResult<Option<BoxStream<'static, String>>> {
+        let mut listener = PgListener::connect_with(&self.pool)
+            .await
+            .map_err(map_err)?;
+        listener.listen(REALTIME_CHANNEL).await.map_err(map_err)?;
+        let pool = self.pool.clone();
+        let stream = listener
+            .into_stream()
+            .take_while(|n| std::future::ready(n.is_ok()))
+            .filter_map(move |n| {
+                let pool = pool.clone();
+                async move {
+                    let payload = n.ok()?.payload().to_string();
+                    let Some(id) = payload.strip_prefix('#') else {
+                        return Some(payload);
+                    };
+                    let id: i64 = id.parse().ok()?;
+                    sqlx::query_scalar("SELECT body FROM realtime_messages WHERE id = $1")
+                        .bind(id)
+                        .fetch_optional(&pool)
+                        .await
+                        .ok()
+                        .flatten()
+                }
+            });
         Ok(Some(stream.boxed()))
     }
 }

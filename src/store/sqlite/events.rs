@@ -329,6 +329,14 @@ impl EventStore for SqliteStore {
         Ok(None)
     }
 
+    async fn send_to_nodes(&self, _body: &str) -> StoreResult<()> {
+        Ok(())
+    }
+
+    async fn node_messages(&self) -> StoreResult<Option<BoxStream<'static, String>>> {
+        Ok(None)
+    }
+
     async fn delete_consumer(&self, name: &str) -> StoreResult<bool> {
         let name = name.to_string();
         self.write(move |tx| {

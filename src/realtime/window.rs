@@ -1,0 +1,361 @@
+//! What one query subscription shows, kept in memory and moved by changes: the documents
+//! the caller may read that match the `where`, in the query's order, cut at `limit`.
+//!
+//! A window knows every visible document up to a **boundary** (the sort key of the last row
+//! its query read, or none when the query read them all), so a document leaving a full window
+//! is replaced from memory by the next one; only when fewer than `limit` remain below a
+//! boundary must the query run again ([`Window::needs_refill`]). Each change updates one
+//! document and answers the difference in what is shown: `added`, `modified`, `removed` —
+//! including the document pushed out of, or pulled into, a full window.
+//!
+//! Changes are applied by version, so events that a fresh query result already reflects are
+//! not applied twice: a `create` always applies (it starts a new life of the id), an `update`
+//! only when newer than what is kept, a `delete` always removes. Applied in position order
+//! from any point at or before the query's, the window ends exactly where the log does.
+
+use std::cmp::Ordering;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::query::{compare_values, Direction, Field, Order};
+use crate::store::EventOp;
+
+/// A document as shown: its sort values, id, version and JSON (serialised once, shared).
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    values: Vec<Option<Value>>,
+    id: String,
+    version: i64,
+    pub(crate) json: Arc<str>,
+}
+
+/// One difference in what a subscription shows.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Change {
+    Added(Arc<str>),
+    Modified(Arc<str>),
+    /// The document as it was last shown.
+    Removed(Arc<str>),
+}
+
+impl Change {
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Change::Added(_) => "added",
+            Change::Modified(_) => "modified",
+            Change::Removed(_) => "removed",
+        }
+    }
+
+    pub(crate) fn json(&self) -> &str {
+        match self {
+            Change::Added(j) | Change::Modified(j) | Change::Removed(j) => j,
+        }
+    }
+}
+
+/// A visible document's new state, for [`Window::apply`].
+pub(crate) struct Visible<'a> {
+    pub(crate) doc: &'a Value,
+    pub(crate) json: Arc<str>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Window {
+    order: Arc<[Order]>,
+    limit: usize,
+    /// Every visible document with a sort key at or before `boundary`, in order.
+    entries: Vec<Entry>,
+    /// The sort key of the last row the query read when there may be more; `None`: the
+    /// query read every matching row.
+    boundary: Option<(Vec<Option<Value>>, String)>,
+}
+
+impl Window {
+    /// A window from a query's rows (in the query's order). `complete`: there are no more.
+    pub(crate) fn new(
+        order: Arc<[Order]>,
+        limit: usize,
+        rows: Vec<(Value, Arc<str>)>,
+        complete: bool,
+    ) -> Window {
+        let mut window = Window {
+            order,
+            limit,
+            entries: Vec::with_capacity(rows.len()),
+            boundary: None,
+        };
+        for (doc, json) in &rows {
+            let entry = window.entry(doc, json.clone());
+            window.entries.push(entry);
+        }
+        let mut entries = std::mem::take(&mut window.entries);
+        entries.sort_by(|a, b| window.compare(a, b));
+        window.entries = entries;
+        if !complete {
+            window.boundary = window
+                .entries
+                .last()
+                .map(|e| (e.values.clone(), e.id.clone()));
+        }
+        window
+    }
+
+    fn entry(&self, doc: &Value, json: Arc<str>) -> Entry {
+        Entry {
+            values: self
+                .order
+                .iter()
+                .filter(|o| o.field != Field::Id)
+                .map(|o| o.field.get(doc).map(|v| v.into_owned()))
+                .collect(),
+            id: doc
+                .get("id")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+            version: doc.get("version").and_then(Value::as_i64).unwrap_or(0),
+            json,
+        }
+    }
+
+    fn compare_keys(&self, a: (&[Option<Value>], &str), b: (&[Option<Value>], &str)) -> Ordering {
+        let mut fields = self.order.iter().filter(|o| o.field != Field::Id);
+        for (x, y) in a.0.iter().zip(b.0.iter()) {
+            let dir = fields.next().map_or(Direction::Asc, |o| o.direction);
+            let ord = compare_values(x.as_ref(), y.as_ref());
+            let ord = if dir == Direction::Desc {
+                ord.reverse()
+            } else {
+                ord
+            };
+            if ord != Ordering::Equal {
+                return ord;
+            }
+        }
+        let id_desc = self
+            .order
+            .iter()
+            .find(|o| o.field == Field::Id)
+            .is_some_and(|o| o.direction == Direction::Desc);
+        let ord = a.1.cmp(b.1);
+        if id_desc {
+            ord.reverse()
+        } else {
+            ord
+        }
+    }
+
+    fn compare(&self, a: &Entry, b: &Entry) -> Ordering {
+        self.compare_keys((&a.values, &a.id), (&b.values, &b.id))
+    }
+
+    fn within_boundary(&self, e: &Entry) -> bool {
+        match &self.boundary {
+            None => true,
+            Some((values, id)) => self.compare_keys((&e.values, &e.id), (values, id)).is_le(),
+        }
+    }
+
+    /// The documents shown, in order.
+    pub(crate) fn shown(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.iter().take(self.limit)
+    }
+
+    /// Fewer than `limit` documents are known while more may exist past the boundary: the
+    /// query must run again to know what is shown.
+    pub(crate) fn needs_refill(&self) -> bool {
+        self.boundary.is_some() && self.entries.len() < self.limit
+    }
+
+    fn position(&self, id: &str) -> Option<usize> {
+        self.entries.iter().position(|e| e.id == id)
+    }
+
+    /// Sets document `id` to `state` (its new visible state, or `None`: gone or not visible)
+    /// without telling what changed: the building block of [`Window::apply`] and of rewinding.
+    pub(crate) fn set(&mut self, id: &str, state: Option<Visible<'_>>) {
+        if let Some(i) = self.position(id) {
+            self.entries.remove(i);
+        }
+        if let Some(state) = state {
+            let entry = self.entry(state.doc, state.json);
+            if self.within_boundary(&entry) {
+                let at = self
+                    .entries
+                    .partition_point(|e| self.compare(e, &entry).is_lt());
+                self.entries.insert(at, entry);
+            }
+        }
+    }
+
+    /// Applies one change of document `id` (`op`, its version, and its new state when it is
+    /// visible) and answers what the subscriber sees change. Stale updates (older than
+    /// what is kept) change nothing.
+    pub(crate) fn apply(
+        &mut self,
+        id: &str,
+        op: EventOp,
+        version: i64,
+        state: Option<Visible<'_>>,
+    ) -> Vec<Change> {
+        let kept = self.position(id).map(|i| self.entries[i].version);
+        if op == EventOp::Update && kept.is_some_and(|v| v >= version) {
+            return Vec::new();
+        }
+        let before: Vec<(String, i64, Arc<str>)> = self
+            .shown()
+            .map(|e| (e.id.clone(), e.version, e.json.clone()))
+            .collect();
+        self.set(id, state);
+        let mut changes = Vec::new();
+        for (old_id, _, json) in &before {
+            if !self.shown().any(|e| &e.id == old_id) {
+                changes.push(Change::Removed(json.clone()));
+            }
+        }
+        for e in self.shown() {
+            match before.iter().find(|(old_id, _, _)| *old_id == e.id) {
+                None => changes.push(Change::Added(e.json.clone())),
+                Some((_, old_version, old_json)) => {
+                    if e.id == id && (*old_version != e.version || old_json != &e.json) {
+                        changes.push(Change::Modified(e.json.clone()));
+                    }
+                }
+            }
+        }
+        changes
+    }
+
+    /// The difference between what `before` showed and what this window shows (a refill or
+    /// a reset of the same subscription).
+    pub(crate) fn diff_from(&self, before: &Window) -> Vec<Change> {
+        let mut changes = Vec::new();
+        for old in before.shown() {
+            if !self.shown().any(|e| e.id == old.id) {
+                changes.push(Change::Removed(old.json.clone()));
+            }
+        }
+        for e in self.shown() {
+            match before.shown().find(|old| old.id == e.id) {
+                None => changes.push(Change::Added(e.json.clone())),
+                Some(old) if old.version != e.version || old.json != e.json => {
+                    changes.push(Change::Modified(e.json.clone()))
+                }
+                Some(_) => {}
+            }
+        }
+        changes
+    }
+
+    /// The documents shown, as a JSON array.
+    pub(crate) fn documents_json(&self) -> String {
+        let mut out = String::from("[");
+        for (i, e) in self.shown().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(&e.json);
+        }
+        out.push(']');
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn doc(id: &str, n: i64, version: i64) -> Value {
+        json!({"id": id, "data": {"n": n}, "version": version,
+               "created_at": "2026-01-01T00:00:00.000000Z", "updated_at": "2026-01-01T00:00:00.000000Z"})
+    }
+
+    fn rows(docs: &[Value]) -> Vec<(Value, Arc<str>)> {
+        docs.iter()
+            .map(|d| (d.clone(), Arc::from(d.to_string())))
+            .collect()
+    }
+
+    fn by_n_desc() -> Arc<[Order]> {
+        Arc::from(vec![
+            Order {
+                field: Field::parse("n").unwrap(),
+                direction: Direction::Desc,
+            },
+            Order {
+                field: Field::Id,
+                direction: Direction::Asc,
+            },
+        ])
+    }
+
+    fn ids(w: &Window) -> Vec<String> {
+        w.shown().map(|e| e.id.clone()).collect()
+    }
+
+    fn apply(w: &mut Window, d: &Value, op: EventOp) -> Vec<(&'static str, String)> {
+        let json: Arc<str> = Arc::from(d.to_string());
+        w.apply(
+            d["id"].as_str().unwrap(),
+            op,
+            d["version"].as_i64().unwrap(),
+            (op != EventOp::Delete).then_some(Visible { doc: d, json }),
+        )
+        .into_iter()
+        .map(|c| {
+            let v: Value = serde_json::from_str(c.json()).unwrap();
+            (c.kind(), v["id"].as_str().unwrap().to_string())
+        })
+        .collect()
+    }
+
+    #[test]
+    fn a_full_window_pushes_out_and_pulls_in_at_its_edge() {
+        let docs = [doc("a", 50, 1), doc("b", 40, 1), doc("c", 30, 1)];
+        let mut w = Window::new(by_n_desc(), 2, rows(&docs), true);
+        assert_eq!(ids(&w), ["a", "b"]);
+        // d enters at the top: b falls out.
+        let got = apply(&mut w, &doc("d", 60, 1), EventOp::Create);
+        assert_eq!(got, [("removed", "b".into()), ("added", "d".into())]);
+        // a drops below c: it leaves, b comes back.
+        let got = apply(&mut w, &doc("a", 10, 2), EventOp::Update);
+        assert_eq!(got, [("removed", "a".into()), ("added", "b".into())]);
+        // A stale update changes nothing.
+        assert!(apply(&mut w, &doc("a", 99, 2), EventOp::Update).is_empty());
+        // d is deleted: c comes in.
+        let got = apply(&mut w, &doc("d", 60, 1), EventOp::Delete);
+        assert_eq!(got, [("removed", "d".into()), ("added", "c".into())]);
+        // b changes in place.
+        assert_eq!(
+            apply(&mut w, &doc("b", 41, 2), EventOp::Update),
+            [("modified", "b".into())]
+        );
+        assert!(!w.needs_refill());
+    }
+
+    #[test]
+    fn below_a_boundary_a_short_window_asks_for_a_refill() {
+        let docs = [doc("a", 50, 1), doc("b", 40, 1)];
+        let mut w = Window::new(by_n_desc(), 2, rows(&docs), false);
+        // Past the boundary (n < 40): not known, not shown.
+        assert!(apply(&mut w, &doc("z", 1, 1), EventOp::Create).is_empty());
+        apply(&mut w, &doc("a", 50, 1), EventOp::Delete);
+        assert!(w.needs_refill());
+    }
+
+    #[test]
+    fn a_recreated_document_is_a_new_life() {
+        let mut w = Window::new(by_n_desc(), 5, rows(&[doc("a", 5, 7)]), true);
+        assert_eq!(
+            apply(&mut w, &doc("a", 5, 7), EventOp::Delete),
+            [("removed", "a".into())]
+        );
+        assert_eq!(
+            apply(&mut w, &doc("a", 6, 1), EventOp::Create),
+            [("added", "a".into())]
+        );
+    }
+}
