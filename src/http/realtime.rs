@@ -66,7 +66,10 @@ async fn serve(state: AppState, socket: WebSocket, max_message: usize) {
         Ok(Message::Text(text)) => Incoming::Text(text.to_string()),
         Ok(Message::Binary(_)) => Incoming::Binary,
         Ok(Message::Ping(_) | Message::Pong(_)) => Incoming::Alive,
-        Ok(Message::Close(_)) | Err(_) => Incoming::Closed,
+        Ok(Message::Close(_)) => Incoming::Closed,
+        // tungstenite's "Message too long" (past the hard limit) is worth a 1009.
+        Err(err) if err.to_string().contains("too long") => Incoming::Oversized,
+        Err(_) => Incoming::Closed,
     });
     connection.run(Box::pin(incoming)).await;
     let _ = writer.await;
@@ -113,6 +116,7 @@ async fn write(
             code: close.code,
             reason: close.reason.into(),
         }));
-        let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(frame)).await;
+        // Behind whatever the client has not read yet: give it a while, then drop the socket.
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.send(frame)).await;
     }
 }

@@ -46,6 +46,9 @@ pub enum Incoming {
     TooLarge(usize),
     /// A ping or pong frame: the client is there.
     Alive,
+    /// A frame past the hard limit (four times the message limit): not read, the socket is
+    /// closed with 1009.
+    Oversized,
     Closed,
 }
 
@@ -178,6 +181,7 @@ impl Connection {
                     "a message of {size} bytes is over the limit of {max} (realtime.max_message_bytes)"
                 )),
             ),
+            Incoming::Oversized => self.outbox.close(1009, "message too big"),
             Incoming::Alive | Incoming::Closed => {}
         }
     }
@@ -695,12 +699,15 @@ impl Connection {
         )
     }
 
-    /// Handles routed changes: each subscription of their collection, in order, once.
+    /// Handles routed changes: each subscription of their collection, in order, once; one
+    /// message per subscription, with the window refilled in it when it ran short.
     async fn deliver(&mut self, batch: &[Arc<Delivery>]) {
         let mut lookups = Fetched::new();
-        let rt = self.rt.clone();
-        let mut refill = Vec::new();
-        for (id, sub) in self.subs.iter_mut() {
+        let ids: Vec<String> = self.subs.keys().cloned().collect();
+        for id in ids {
+            let Some(mut sub) = self.subs.remove(&id) else {
+                continue;
+            };
             let mut changes = Vec::new();
             let mut cursor = None;
             for d in batch {
@@ -713,7 +720,7 @@ impl Connection {
                         continue;
                     }
                 }
-                cursor = Some(&d.cursor);
+                cursor = Some(d.cursor.clone());
                 let state = match &d.new {
                     Some(doc)
                         if sub
@@ -721,7 +728,11 @@ impl Connection {
                             .filter
                             .as_ref()
                             .is_none_or(|f| query::matches(f, doc))
-                            && rt.documents.readable(&sub.check, doc, &mut lookups).await =>
+                            && self
+                                .rt
+                                .documents
+                                .readable(&sub.check, doc, &mut lookups)
+                                .await =>
                     {
                         d.new_json().map(|json| (doc, json))
                     }
@@ -734,39 +745,27 @@ impl Connection {
                     state.map(|(doc, json)| Visible { doc, json }),
                 ));
             }
+            if sub.window.needs_refill() {
+                match self.build(&sub, sub.pos).await {
+                    Ok((window, end)) => {
+                        changes = merge(changes, window.diff_from(&sub.window));
+                        sub.window = window;
+                        sub.pos = end;
+                        cursor = Some(self.rt.seal.seal(end));
+                    }
+                    Err(err) => {
+                        self.drop_sub(&sub);
+                        self.send_error(Some(&id), None, &err);
+                        continue;
+                    }
+                }
+            }
             if let (false, Some(cursor)) = (changes.is_empty(), cursor) {
                 metrics::counter!("basalt_realtime_events_sent_total")
                     .increment(changes.len() as u64);
-                self.outbox.send(protocol::changes(id, &changes, cursor));
+                self.outbox.send(protocol::changes(&id, &changes, &cursor));
             }
-            if sub.window.needs_refill() {
-                refill.push(id.clone());
-            }
-        }
-        for id in refill {
-            self.refill(&id).await;
-        }
-    }
-
-    /// Runs a subscription's query again when its window ran short, and sends the difference.
-    async fn refill(&mut self, id: &str) {
-        let Some(mut sub) = self.subs.remove(id) else {
-            return;
-        };
-        match self.build(&sub, sub.pos).await {
-            Ok((window, end)) => {
-                let changes = window.diff_from(&sub.window);
-                sub.window = window;
-                sub.pos = end;
-                if !changes.is_empty() {
-                    self.send(protocol::changes(id, &changes, &self.rt.seal.seal(end)));
-                }
-                self.subs.insert(id.to_string(), sub);
-            }
-            Err(err) => {
-                self.drop_sub(&sub);
-                self.send_error(Some(id), None, &err);
-            }
+            self.subs.insert(id, sub);
         }
     }
 
@@ -882,6 +881,34 @@ impl Connection {
         self.outbox.close(1000, "");
         metrics::gauge!("basalt_realtime_connections").decrement(1.0);
     }
+}
+
+/// `first` then `then`, where a document removed in `first` and added back in `then` is one
+/// `modified` (or nothing, when it is the same version).
+fn merge(first: Vec<Change>, then: Vec<Change>) -> Vec<Change> {
+    let id_of = |c: &Change| {
+        serde_json::from_str::<Value>(c.json())
+            .ok()
+            .and_then(|v| v.get("id").and_then(Value::as_str).map(str::to_string))
+    };
+    let mut out = first;
+    for change in then {
+        let id = id_of(&change);
+        let earlier = out
+            .iter()
+            .position(|c| matches!(c, Change::Removed(_)) && id.is_some() && id_of(c) == id);
+        match (earlier, &change) {
+            (Some(i), Change::Added(json)) => {
+                if out[i].json() == json.as_ref() {
+                    out.remove(i);
+                } else {
+                    out[i] = Change::Modified(json.clone());
+                }
+            }
+            _ => out.push(change),
+        }
+    }
+    out
 }
 
 fn behind() -> ApiError {

@@ -241,7 +241,7 @@ async fn a_document_subscription_gets_a_snapshot_then_each_change(backend: Backe
     .await;
     ws.silent(300).await;
     // Metrics count what happened.
-    let metrics = app.get("/metrics", None).await.text;
+    let metrics = app.get("/metrics", Some(&admin)).await.text;
     for name in [
         "basalt_realtime_connections",
         "basalt_realtime_subscriptions",
@@ -350,24 +350,16 @@ async fn a_query_window_follows_documents_entering_and_leaving(backend: Backend)
     )
     .await;
     ws.silent(300).await;
-    // Emptying the window past what was read at first: the query runs again.
-    for id in ["a", "b", "c"] {
-        write(
-            &app,
-            &admin,
-            Method::DELETE,
-            &format!("/v1/db/scores/{id}"),
-            None,
-        )
-        .await;
-    }
-    let mut shown: HashSet<String> = ["b".to_string(), "a".to_string()].into();
-    while !shown.is_empty() {
-        for (kind, id) in kinds(&ws.recv().await) {
-            assert_eq!(kind, "removed");
-            shown.remove(&id);
-        }
-    }
+    // Emptying the window: c (31) comes in as a leaves, then everything goes.
+    write(&app, &admin, Method::DELETE, "/v1/db/scores/a", None).await;
+    assert_eq!(
+        kinds(&ws.recv().await),
+        [("removed".into(), "a".into()), ("added".into(), "c".into())]
+    );
+    write(&app, &admin, Method::DELETE, "/v1/db/scores/b", None).await;
+    assert_eq!(kinds(&ws.recv().await), [("removed".into(), "b".into())]);
+    write(&app, &admin, Method::DELETE, "/v1/db/scores/c", None).await;
+    assert_eq!(kinds(&ws.recv().await), [("removed".into(), "c".into())]);
     ws.silent(300).await;
     // Many documents: a window of 3 over 120, drained from the top one by one, always shows
     // the next three (the refill path).
@@ -399,6 +391,7 @@ async fn a_query_window_follows_documents_entering_and_leaving(backend: Backend)
             None,
         )
         .await;
+        // One message per change, the window refilled within it when it ran short.
         let m = ws.recv().await;
         for (kind, id) in kinds(&m) {
             match kind.as_str() {
@@ -636,8 +629,9 @@ async fn resume_replays_exactly_the_missed_changes(backend: Backend) {
     )
     .await;
     write(&app, &admin, Method::DELETE, "/v1/db/tasks/tmp", None).await;
+    // t0 leaves (t3 in), t1 twice, t9 in (t3 out), tmp in (t2 out), tmp out (t2 back).
     let mut expected = Vec::new();
-    for _ in 0..6 {
+    while expected.len() < 10 {
         expected.extend(kinds(&live.recv().await));
     }
     live.silent(200).await;
@@ -799,7 +793,7 @@ async fn a_client_that_does_not_read_is_closed_with_4008(backend: Backend) {
     .await;
     assert_eq!(kinds(&fine.recv().await), [("added".into(), "last".into())]);
     assert_eq!(slow.closed().await, Some(4008));
-    let metrics = app.get("/metrics", None).await.text;
+    let metrics = app.get("/metrics", Some(&admin)).await.text;
     assert!(metrics.contains("basalt_realtime_slow_consumers_total"));
 }
 
@@ -847,7 +841,7 @@ async fn bad_messages_get_errors_and_subscriptions_live_on(backend: Backend) {
         .await;
     expect_error(ws.recv().await, "unauthenticated");
     // Deep nesting is an error like any other.
-    let deep = "[".repeat(5000) + &"]".repeat(5000);
+    let deep = "[".repeat(1000) + &"]".repeat(1000);
     ws.send_raw(Message::Text(
         format!(r#"{{"type":"join","channel":"a","presence":{deep}}}"#).into(),
     ))
@@ -933,9 +927,18 @@ async fn an_expired_token_ends_subscriptions_with_an_error(backend: Backend) {
     ws.silent(300).await;
     ws.send(json!({"type": "ping"})).await;
     assert_eq!(ws.recv().await["type"], "pong");
-    // An anonymous socket cannot read this collection.
+    // Anonymous now: the rule filters everything out, as a query would.
     let m = ws.subscribe("s", "c", json!({"query": {}})).await;
-    assert_eq!(m["error"]["code"], "permission_denied");
+    assert_eq!(ids(&m), Vec::<String>::new());
+    write(
+        &app,
+        &admin,
+        Method::POST,
+        "/v1/db/c",
+        Some(json!({"id": "c", "data": {}})),
+    )
+    .await;
+    ws.silent(300).await;
 }
 
 async fn a_socket_that_says_nothing_is_closed(backend: Backend) {
@@ -1135,25 +1138,22 @@ async fn changes_broadcasts_and_presence_cross_nodes() {
         .await;
     let a_state = on_a.recv().await;
     let a_key = a_state["key"].as_str().unwrap().to_string();
-    // Node B learns of the join through the database; give it a moment.
-    let mut seen_a = false;
-    for _ in 0..50 {
-        on_b.send(json!({"type": "join", "channel": "room", "presence": {"node": "b"}}))
-            .await;
-        let state = on_b.recv().await;
-        if state["state"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["key"] == a_key.as_str())
-        {
-            seen_a = true;
+    // Node B's joiner sees A's member: in its first state, or as a join soon after (the
+    // join travels through the database).
+    on_b.send(json!({"type": "join", "channel": "room", "presence": {"node": "b"}}))
+        .await;
+    let has_a = |list: &Value| {
+        list.as_array()
+            .is_some_and(|l| l.iter().any(|e| e["key"] == a_key.as_str()))
+    };
+    loop {
+        let m = on_b.recv().await;
+        assert_eq!(m["type"], "presence", "{m}");
+        if has_a(&m["state"]) || has_a(&m["joins"]) {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(seen_a, "node B's joiner sees node A's member in the state");
-    // A sees B's join (maybe several, as B re-joined).
+    // A sees B's join.
     let joined = on_a.recv().await;
     assert_eq!(joined["joins"][0]["presence"]["node"], "b");
     // A broadcast from B reaches A.
