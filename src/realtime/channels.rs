@@ -179,7 +179,10 @@ impl Channels {
             )
         };
         outbox.send(state_frame);
-        deliver(&others, &presence_diff(channel, std::slice::from_ref(&entry), &[]));
+        deliver(
+            &others,
+            &presence_diff(channel, std::slice::from_ref(&entry), &[]),
+        );
         self.tell_nodes(NodeMessage::Join {
             n: self.node.clone(),
             c: channel.to_string(),

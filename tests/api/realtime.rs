@@ -771,7 +771,24 @@ async fn a_client_that_does_not_read_is_closed_with_4008(backend: Backend) {
     slow.subscribe("s", "big", json!({"query": {}})).await;
     let mut fine = Ws::connect(&ws_base(&app)).await;
     fine.subscribe("s", "big", json!({"doc": "last"})).await;
-    // The slow client reads nothing while about 50 MB is written for it.
+    // The slow client reads a message a second while about 50 MB is written for it, then
+    // (the writes done) reads on quickly to its close.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let slow = {
+        let done = done.clone();
+        tokio::spawn(async move {
+            loop {
+                if !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                match slow.stream.next().await {
+                    Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                    Some(Ok(_)) => continue,
+                    Some(Err(_)) | None => return None,
+                }
+            }
+        })
+    };
     let blob = "x".repeat(500_000);
     for i in 0..100 {
         write(
@@ -792,7 +809,11 @@ async fn a_client_that_does_not_read_is_closed_with_4008(backend: Backend) {
     )
     .await;
     assert_eq!(kinds(&fine.recv().await), [("added".into(), "last".into())]);
-    assert_eq!(slow.closed().await, Some(4008));
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let code = tokio::time::timeout(Duration::from_secs(30), slow)
+        .await
+        .expect("the slow client is closed");
+    assert_eq!(code.unwrap(), Some(4008));
     let metrics = app.get("/metrics", Some(&admin)).await.text;
     assert!(metrics.contains("basalt_realtime_slow_consumers_total"));
 }

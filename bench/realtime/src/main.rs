@@ -224,7 +224,7 @@ async fn connect_from(source: &str, addr: SocketAddr) -> std::io::Result<TcpStre
 }
 
 fn subscribe_msg(cfg: &WorkerConfig, sub_id: &str, g: usize) -> String {
-    let order = json!([["seq", "desc"]]);
+    let order = json!([["$created_at", "desc"]]);
     let msg = match cfg.mode.as_str() {
         "doc" => json!({"type":"subscribe","id":sub_id,"collection":cfg.collection,"doc":format!("d{g}")}),
         "eq" => json!({"type":"subscribe","id":sub_id,"collection":cfg.collection,

@@ -393,7 +393,7 @@ impl EventStore for PgStore {
     }
 
     async fn announcements(&self) -> StoreResult<Option<BoxStream<'static, ()>>> {
-        let mut listener = PgListener::connect_with(&self.pool)
+        let mut listener = PgListener::connect_with(&self.listen_pool)
             .await
             .map_err(map_err)?;
         listener.listen(CHANNEL).await.map_err(map_err)?;
@@ -435,7 +435,7 @@ impl EventStore for PgStore {
     }
 
     async fn node_messages(&self) -> StoreResult<Option<BoxStream<'static, String>>> {
-        let mut listener = PgListener::connect_with(&self.pool)
+        let mut listener = PgListener::connect_with(&self.listen_pool)
             .await
             .map_err(map_err)?;
         listener.listen(REALTIME_CHANNEL).await.map_err(map_err)?;

@@ -19,6 +19,10 @@ pub struct PgStore {
     /// requests is still ready, and a readiness probe that waited for the busy pool answered
     /// 503 under load (so a balancer would take away the nodes doing the most work).
     ping_pool: PgPool,
+    /// The connections that `LISTEN` (change announcements, realtime messages between
+    /// nodes), outside `pool`: each holds its connection for the node's life, and taken from
+    /// the pool they would shrink what requests can use.
+    pub(crate) listen_pool: PgPool,
     pub(crate) hooks: super::events::CommitHooks,
 }
 
@@ -41,6 +45,11 @@ impl PgStore {
             .min_connections(0)
             .acquire_timeout(Duration::from_secs(3))
             .idle_timeout(Duration::from_secs(300))
+            .connect_lazy_with(options.clone());
+        let listen_pool = PgPoolOptions::new()
+            .max_connections(2)
+            .min_connections(0)
+            .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(options);
         sqlx::migrate!("./migrations/postgres")
             .run(&pool)
@@ -49,6 +58,7 @@ impl PgStore {
         Ok(PgStore {
             pool,
             ping_pool,
+            listen_pool,
             hooks: super::events::CommitHooks::default(),
         })
     }
