@@ -87,9 +87,16 @@ enum NodeMessage {
     },
 }
 
+/// Messages for other nodes waiting to be sent; past it they are dropped (and counted).
+const NODE_QUEUE: usize = 10_000;
+
 pub(crate) struct Channels {
     node: String,
     store: Arc<dyn Store>,
+    /// Messages for the other nodes, sent one at a time by [`Channels::run`] (a burst of
+    /// broadcasts must not become a burst of tasks each waiting for a database connection).
+    to_nodes: tokio::sync::mpsc::Sender<String>,
+    to_nodes_rx: Mutex<Option<tokio::sync::mpsc::Receiver<String>>>,
     join_rule: Option<Rule>,
     broadcast_rule: Option<Rule>,
     timeout: Duration,
@@ -113,9 +120,12 @@ impl Channels {
                 .transpose()
                 .map_err(|e| anyhow::anyhow!("realtime.channels: {e}"))
         };
+        let (to_nodes, to_nodes_rx) = tokio::sync::mpsc::channel(NODE_QUEUE);
         Ok(Arc::new(Channels {
             node: crate::ids::new_id(),
             store,
+            to_nodes,
+            to_nodes_rx: Mutex::new(Some(to_nodes_rx)),
             join_rule: compile(&config.channels.join)?,
             broadcast_rule: compile(&config.channels.broadcast)?,
             timeout: Duration::from_secs(config.presence_timeout_secs),
@@ -245,13 +255,10 @@ impl Channels {
         if self.store.dialect() == "sqlite" {
             return;
         }
-        let store = self.store.clone();
         let body = serde_json::to_string(&message).unwrap_or_default();
-        tokio::spawn(async move {
-            if let Err(err) = store.send_to_nodes(&body).await {
-                tracing::warn!(error = %err, "could not send a realtime message to the other nodes");
-            }
-        });
+        if self.to_nodes.try_send(body).is_err() {
+            metrics::counter!("basalt_realtime_node_messages_dropped_total").increment(1);
+        }
     }
 
     fn on_node_message(&self, body: &str) {
@@ -427,6 +434,21 @@ impl Channels {
             return;
         }
         let beat = (strong.timeout / 3).max(Duration::from_millis(500));
+        let outgoing = strong
+            .to_nodes_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let sender = outgoing.map(|mut rx| {
+            let store = strong.store.clone();
+            tokio::spawn(async move {
+                while let Some(body) = rx.recv().await {
+                    if let Err(err) = store.send_to_nodes(&body).await {
+                        tracing::warn!(error = %err, "could not send a realtime message to the other nodes");
+                    }
+                }
+            })
+        });
         drop(strong);
         let heartbeats = {
             let this = this.clone();
@@ -472,6 +494,9 @@ impl Channels {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         heartbeats.abort();
+        if let Some(sender) = sender {
+            sender.abort();
+        }
     }
 }
 

@@ -60,6 +60,10 @@ const DELIVERY_BATCH: usize = 256;
 const CATCH_UP_WAIT: Duration = Duration::from_secs(10);
 /// Close code for a connection that stopped answering.
 const CLOSE_SILENT: u16 = 4000;
+/// Bytes of document JSON the windows of one connection may keep together.
+const MAX_CONNECTION_WINDOW_BYTES: usize = 16 * 1024 * 1024;
+/// Broadcasts one connection may send per second.
+const BROADCASTS_PER_SECOND: u32 = 100;
 
 struct Sub {
     collection: String,
@@ -85,6 +89,7 @@ pub struct Connection {
     subs: HashMap<String, Sub>,
     channels: BTreeSet<String>,
     last_heard: Instant,
+    broadcasts: governor::DefaultDirectRateLimiter,
 }
 
 impl Connection {
@@ -102,6 +107,9 @@ impl Connection {
             subs: HashMap::new(),
             channels: BTreeSet::new(),
             last_heard: Instant::now(),
+            broadcasts: governor::RateLimiter::direct(governor::Quota::per_second(
+                std::num::NonZeroU32::new(BROADCASTS_PER_SECOND).expect("not zero"),
+            )),
             rt,
         }
     }
@@ -280,6 +288,15 @@ impl Connection {
                         &ApiError::FailedPrecondition(
                             "join the channel before broadcasting on it".into(),
                         ),
+                    );
+                }
+                if self.broadcasts.check().is_err() {
+                    return self.send_error(
+                        None,
+                        Some(&channel),
+                        &ApiError::RateLimited {
+                            retry_after_secs: 1,
+                        },
                     );
                 }
                 if !self
@@ -564,6 +581,14 @@ impl Connection {
             ));
         }
         let mut window = Window::new(Arc::from(sub.query.order.clone()), limit, rows, complete);
+        let others: usize = self.subs.values().map(|s| s.window.bytes()).sum();
+        if others + window.bytes() > MAX_CONNECTION_WINDOW_BYTES {
+            return Err(ApiError::PayloadTooLarge(format!(
+                "the documents this connection's subscriptions follow would be over {} MiB; \
+                 lower `limit` or subscribe on another connection",
+                MAX_CONNECTION_WINDOW_BYTES / (1024 * 1024)
+            )));
+        }
         let end = self.rt.changes.last_position().await?.max(after);
         if !self.rt.hub.wait_processed(end, CATCH_UP_WAIT).await {
             return Err(behind());

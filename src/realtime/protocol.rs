@@ -15,6 +15,8 @@ const MAX_SUB_ID: usize = 128;
 const MAX_CHANNEL: usize = 128;
 /// Longest broadcast event name.
 const MAX_EVENT: usize = 128;
+/// Largest presence state, in bytes of JSON: everyone who joins receives everyone's.
+pub(crate) const MAX_PRESENCE_BYTES: usize = 1024;
 
 #[derive(Debug)]
 pub(crate) enum ClientMessage {
@@ -165,6 +167,12 @@ impl ClientMessage {
                 let presence = j.presence.unwrap_or_else(|| json!({}));
                 if !presence.is_object() {
                     return Err(invalid(None, "`presence`: a JSON object".into()));
+                }
+                if presence.to_string().len() > MAX_PRESENCE_BYTES {
+                    return Err(invalid(
+                        None,
+                        format!("`presence`: at most {MAX_PRESENCE_BYTES} bytes of JSON"),
+                    ));
                 }
                 ClientMessage::Join {
                     channel: j.channel,

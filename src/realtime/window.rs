@@ -65,6 +65,9 @@ pub(crate) struct Visible<'a> {
 pub(crate) struct Window {
     order: Arc<[Order]>,
     limit: usize,
+    /// Most documents kept (those past `limit` wait to move up); past it the last ones are
+    /// forgotten and the boundary moves up to the new last one.
+    capacity: usize,
     /// Every visible document with a sort key at or before `boundary`, in order.
     entries: Vec<Entry>,
     /// The sort key of the last row the query read when there may be more; `None`: the
@@ -83,6 +86,7 @@ impl Window {
         let mut window = Window {
             order,
             limit,
+            capacity: rows.len().max(limit) + limit.clamp(1, 50),
             entries: Vec::with_capacity(rows.len()),
             boundary: None,
         };
@@ -186,8 +190,20 @@ impl Window {
                     .entries
                     .partition_point(|e| self.compare(e, &entry).is_lt());
                 self.entries.insert(at, entry);
+                if self.entries.len() > self.capacity {
+                    self.entries.truncate(self.capacity);
+                    self.boundary = self
+                        .entries
+                        .last()
+                        .map(|e| (e.values.clone(), e.id.clone()));
+                }
             }
         }
+    }
+
+    /// Bytes of JSON the window keeps.
+    pub(crate) fn bytes(&self) -> usize {
+        self.entries.iter().map(|e| e.json.len()).sum()
     }
 
     /// Applies one change of document `id` (`op`, its version, and its new state when it is
@@ -344,6 +360,24 @@ mod tests {
         assert!(apply(&mut w, &doc("z", 1, 1), EventOp::Create).is_empty());
         apply(&mut w, &doc("a", 50, 1), EventOp::Delete);
         assert!(w.needs_refill());
+    }
+
+    #[test]
+    fn inserts_past_the_capacity_move_the_boundary_up() {
+        let docs: Vec<Value> = (0..4).map(|i| doc(&format!("d{i}"), 100 - i, 1)).collect();
+        let mut w = Window::new(by_n_desc(), 2, rows(&docs), true);
+        for i in 0..20 {
+            apply(
+                &mut w,
+                &doc(&format!("n{i:02}"), 200 + i, 1),
+                EventOp::Create,
+            );
+        }
+        assert!(w.entries.len() <= w.capacity);
+        assert!(w.boundary.is_some());
+        assert_eq!(ids(&w), ["n19", "n18"]);
+        // What fell past the boundary is unknown now: a change there says nothing.
+        assert!(apply(&mut w, &doc("d0", 101, 2), EventOp::Update).is_empty());
     }
 
     #[test]

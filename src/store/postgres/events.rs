@@ -411,7 +411,7 @@ impl EventStore for PgStore {
             let id: i64 =
                 sqlx::query_scalar("INSERT INTO realtime_messages (body) VALUES ($1) RETURNING id")
                     .bind(body)
-                    .fetch_one(&self.pool)
+                    .fetch_one(&self.listen_pool)
                     .await
                     .map_err(map_err)?;
             // Old large messages go as new ones come; no node reads them after a few seconds.
@@ -419,7 +419,7 @@ impl EventStore for PgStore {
                 sqlx::query(&format!(
                     "DELETE FROM realtime_messages WHERE created_at < now() - interval '{REALTIME_MESSAGE_TTL}'"
                 ))
-                .execute(&self.pool)
+                .execute(&self.listen_pool)
                 .await
                 .map_err(map_err)?;
             }
@@ -428,7 +428,7 @@ impl EventStore for PgStore {
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(REALTIME_CHANNEL)
             .bind(payload)
-            .execute(&self.pool)
+            .execute(&self.listen_pool)
             .await
             .map_err(map_err)?;
         Ok(())

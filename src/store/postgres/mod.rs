@@ -20,8 +20,9 @@ pub struct PgStore {
     /// 503 under load (so a balancer would take away the nodes doing the most work).
     ping_pool: PgPool,
     /// The connections that `LISTEN` (change announcements, realtime messages between
-    /// nodes), outside `pool`: each holds its connection for the node's life, and taken from
-    /// the pool they would shrink what requests can use.
+    /// nodes) and the one that sends realtime messages, outside `pool`: each is held for the
+    /// node's life or busy in bursts, and taken from the pool they would shrink what requests
+    /// can use.
     pub(crate) listen_pool: PgPool,
     pub(crate) hooks: super::events::CommitHooks,
 }
@@ -47,7 +48,7 @@ impl PgStore {
             .idle_timeout(Duration::from_secs(300))
             .connect_lazy_with(options.clone());
         let listen_pool = PgPoolOptions::new()
-            .max_connections(2)
+            .max_connections(3)
             .min_connections(0)
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(options);
