@@ -242,9 +242,28 @@ pub struct RealtimeConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct ChannelRulesConfig {
     /// Who may join a channel (and see its presence and broadcasts).
+    #[serde(deserialize_with = "rule_text")]
     pub join: Option<String>,
     /// Who may broadcast on a channel they joined.
+    #[serde(deserialize_with = "rule_text")]
     pub broadcast: Option<String>,
+}
+
+/// A rule's text. `BASALT_REALTIME__CHANNELS__JOIN=true` arrives as a boolean (the
+/// environment provider parses values), and `true` is a fine rule: take it as its text.
+fn rule_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Text {
+        Text(String),
+        Bool(bool),
+        Int(i64),
+    }
+    Ok(Option::<Text>::deserialize(d)?.map(|t| match t {
+        Text::Text(s) => s,
+        Text::Bool(b) => b.to_string(),
+        Text::Int(n) => n.to_string(),
+    }))
 }
 
 impl Default for RealtimeConfig {
@@ -692,6 +711,27 @@ mod tests {
             jail.set_env("BASALT_CHANGES__POLL_INTERVAL_MS", "soon");
             let err = Config::load(None).unwrap_err().to_string();
             assert!(err.contains("changes.poll_interval_ms"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn realtime_channel_rules_are_compiled_at_start() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env(
+                "BASALT_REALTIME__CHANNELS__JOIN",
+                "auth != null && channel.size() < 20",
+            );
+            let config = Config::load(None).expect("loads");
+            assert!(config.realtime.channels.join.is_some());
+            jail.set_env("BASALT_REALTIME__CHANNELS__BROADCAST", "resource.data == 1");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("realtime.channels.broadcast"), "{err}");
+            assert!(err.contains("`auth`, `channel`"), "{err}");
+            jail.set_env("BASALT_REALTIME__CHANNELS__BROADCAST", "true");
+            jail.set_env("BASALT_REALTIME__SEND_QUEUE", "0");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("realtime.send_queue"), "{err}");
             Ok(())
         });
     }

@@ -1025,6 +1025,36 @@ async fn channels_join_broadcast_and_presence(backend: Backend) {
     a.send(json!({"type": "broadcast", "channel": "room2", "event": "e"}))
         .await;
     assert_eq!(a.recv().await["error"]["code"], "failed_precondition");
+    // Presence is small; broadcasts are rate limited per connection.
+    let big = "p".repeat(2000);
+    b.send(json!({"type": "join", "channel": "room1", "presence": {"big": big}}))
+        .await;
+    assert_eq!(b.recv().await["error"]["code"], "invalid_argument");
+    let mut limited = false;
+    for i in 0..150 {
+        b.send(json!({"type": "broadcast", "channel": "room1", "event": "spam", "payload": i}))
+            .await;
+    }
+    b.send(json!({"type": "ping"})).await;
+    loop {
+        let m = b.recv().await;
+        if m["type"] == "pong" {
+            break;
+        }
+        if m["error"]["code"] == "rate_limited" {
+            limited = true;
+        }
+    }
+    assert!(limited, "150 broadcasts at once are rate limited");
+    let mut received = 0;
+    while let Ok(next) = tokio::time::timeout(Duration::from_millis(500), a.recv()).await {
+        assert_eq!(next["event"], "spam");
+        received += 1;
+    }
+    assert!(
+        (100..150).contains(&received),
+        "{received} broadcasts passed"
+    );
     // Leaving: the others see it; a closed socket leaves too.
     a.send(json!({"type": "leave", "channel": "room1"})).await;
     assert_eq!(a.recv().await, json!({"type": "left", "channel": "room1"}));
