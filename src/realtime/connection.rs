@@ -369,11 +369,15 @@ impl Connection {
     /// The token expired without a fresh one: subscriptions and channels end, each with an
     /// error, and the connection is anonymous until the next `auth`.
     fn expire(&mut self) {
-        self.expires = None;
-        let err = ApiError::Unauthenticated(
-            "the token expired: send `auth` with a fresh token, then subscribe again (with `resume` to miss nothing)"
-                .into(),
+        self.end_identity(
+            "the token expired: send `auth` with a fresh token, then subscribe again (with `resume` to miss nothing)",
         );
+    }
+
+    /// Ends everything the current identity holds, each with an `unauthenticated` error.
+    fn end_identity(&mut self, why: &str) {
+        self.expires = None;
+        let err = ApiError::Unauthenticated(why.into());
         for (id, sub) in std::mem::take(&mut self.subs) {
             self.drop_sub(&sub);
             self.send_error(Some(&id), None, &err);
@@ -876,6 +880,16 @@ impl Connection {
             return;
         }
         self.outbox.ping();
+        // A signed-out or revoked session (logout, an admin's disable) ends here rather than
+        // at its token's expiry: one small read per user socket per heartbeat.
+        if let Caller::User(claims) = &self.caller {
+            let live = self.rt.auth.store().list_sessions(&claims.sub).await;
+            if live.is_ok_and(|sessions| sessions.iter().all(|s| s.id != claims.session_id)) {
+                self.end_identity(
+                    "the session was signed out or revoked: sign in again, then send `auth`",
+                );
+            }
+        }
         // New rules for a collection apply to open subscriptions from here.
         let mut changed = Vec::new();
         for (id, sub) in &self.subs {

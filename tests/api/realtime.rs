@@ -30,6 +30,7 @@ store_tests!(
     channels_join_broadcast_and_presence,
     subscriptions_are_limited_and_checked,
     new_rules_reach_open_subscriptions,
+    a_signed_out_session_ends_its_subscriptions,
 );
 
 type Stream =
@@ -1119,6 +1120,38 @@ async fn new_rules_reach_open_subscriptions(backend: Backend) {
         Method::POST,
         "/v1/db/flip",
         Some(json!({"id": "b", "data": {}})),
+    )
+    .await;
+    ws.silent(300).await;
+}
+
+async fn a_signed_out_session_ends_its_subscriptions(backend: Backend) {
+    let app = spawn_app_with(backend, |c| c.realtime.heartbeat_secs = 1).await;
+    let admin = app.admin_token().await;
+    admin_collection(
+        &app,
+        &admin,
+        "c",
+        json!({"rules": {"read": "auth != null"}}),
+    )
+    .await;
+    let (_, token, _) = app.user("gone@example.com").await;
+    let mut ws = Ws::connect(&ws_base(&app)).await;
+    ws.auth(&token).await;
+    ws.subscribe("s", "c", json!({"query": {}})).await;
+    app.post("/v1/auth/logout", Some(&token), json!({}))
+        .await
+        .assert_ok();
+    let m = ws.recv().await;
+    assert_eq!(m["type"], "error", "{m}");
+    assert_eq!(m["id"], "s");
+    assert_eq!(m["error"]["code"], "unauthenticated");
+    write(
+        &app,
+        &admin,
+        Method::POST,
+        "/v1/db/c",
+        Some(json!({"id": "x", "data": {}})),
     )
     .await;
     ws.silent(300).await;

@@ -97,6 +97,8 @@ struct WorkerResult {
     last_recv_us: u64,
     hist: Vec<(u64, u64)>,
     rss_kb: u64,
+    /// this worker's CPU (user + system) from READY to its result, in clock ticks
+    cpu_ticks: u64,
 }
 
 struct Tracker {
@@ -541,6 +543,7 @@ fn worker_main() {
             );
             std::io::stdout().flush().unwrap();
         }
+        let cpu_ready = cpu_ticks("self");
         // Commands from the orchestrator: `DRAIN <timeout_ms>`.
         let mut stdin = BufReader::new(tokio::io::stdin());
         let mut cmd = String::new();
@@ -584,6 +587,7 @@ fn worker_main() {
                         last_recv_us: t.last_recv_us,
                         hist,
                         rss_kb: rss_kb("self"),
+                        cpu_ticks: cpu_ticks("self") - cpu_ready,
                     };
                     println!("RESULT {}", serde_json::to_string(&res).unwrap());
                     std::io::stdout().flush().unwrap();
@@ -897,6 +901,7 @@ async fn run_main(args: RunArgs) {
     let mut hist = new_hist();
     let mut total = WorkerResult::default();
     let mut client_rss = 0;
+    let mut client_cpu = 0;
     for w in workers.iter_mut() {
         w.stdin
             .write_all(format!("DRAIN {}\n", args.drain_ms).as_bytes())
@@ -921,6 +926,7 @@ async fn run_main(args: RunArgs) {
         }
         total.last_recv_us = total.last_recv_us.max(r.last_recv_us);
         client_rss += r.rss_kb;
+        client_cpu += r.cpu_ticks;
         for e in r.errors {
             if errors.len() < 8 && !errors.contains(&e) {
                 errors.push(e);
@@ -969,6 +975,8 @@ async fn run_main(args: RunArgs) {
         "server_cpu_s": (cpu1 - cpu0) as f64 / hz,
         "server_cpu_pct": if write_end_us > write_start_us { (((cpu1 - cpu0) as f64 / hz) / ((now_us() - write_start_us) as f64 / 1e6) * 100.0).round() } else { 0.0 },
         "client_rss_kb": client_rss,
+        "client_cpu_s": client_cpu as f64 / hz,
+        "server_cpu_us_per_delivery": if total.deliveries > 0 { ((cpu1 - cpu0) as f64 / hz * 1e6 / total.deliveries as f64 * 10.0).round() / 10.0 } else { 0.0 },
         "load_before": load_before,
         "errors": errors,
     });
