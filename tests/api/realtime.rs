@@ -41,7 +41,8 @@ pub struct Ws {
     stream: Stream,
 }
 
-const WAIT: Duration = Duration::from_secs(10);
+/// Generous: CI machines have two cores and run many servers at once.
+const WAIT: Duration = Duration::from_secs(20);
 
 impl Ws {
     pub async fn connect(base: &str) -> Ws {
@@ -68,7 +69,7 @@ impl Ws {
         loop {
             let frame = tokio::time::timeout(WAIT, self.stream.next())
                 .await
-                .expect("a message within 10 s")
+                .expect("a message within 20 s")
                 .expect("the socket is open")
                 .expect("a frame");
             match frame {
@@ -93,7 +94,7 @@ impl Ws {
         loop {
             match tokio::time::timeout(WAIT, self.stream.next())
                 .await
-                .expect("closed within 10 s")
+                .expect("closed within 20 s")
             {
                 Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
                 Some(Ok(_)) => continue,
