@@ -179,10 +179,14 @@ impl Window {
 
     /// Sets document `id` to `state` (its new visible state, or `None`: gone or not visible)
     /// without telling what changed: the building block of [`Window::apply`] and of rewinding.
-    pub(crate) fn set(&mut self, id: &str, state: Option<Visible<'_>>) {
-        if let Some(i) = self.position(id) {
-            self.entries.remove(i);
-        }
+    /// Answers the document as it was kept and where it is now.
+    pub(crate) fn set(
+        &mut self,
+        id: &str,
+        state: Option<Visible<'_>>,
+    ) -> (Option<(usize, Entry)>, Option<usize>) {
+        let old = self.position(id).map(|i| (i, self.entries.remove(i)));
+        let mut now = None;
         if let Some(state) = state {
             let entry = self.entry(state.doc, state.json);
             if self.within_boundary(&entry) {
@@ -190,15 +194,20 @@ impl Window {
                     .entries
                     .partition_point(|e| self.compare(e, &entry).is_lt());
                 self.entries.insert(at, entry);
+                now = Some(at);
                 if self.entries.len() > self.capacity {
                     self.entries.truncate(self.capacity);
                     self.boundary = self
                         .entries
                         .last()
                         .map(|e| (e.values.clone(), e.id.clone()));
+                    if at >= self.capacity {
+                        now = None;
+                    }
                 }
             }
         }
+        (old, now)
     }
 
     /// Bytes of JSON the window keeps.
@@ -208,7 +217,8 @@ impl Window {
 
     /// Applies one change of document `id` (`op`, its version, and its new state when it is
     /// visible) and answers what the subscriber sees change. Stale updates (older than
-    /// what is kept) change nothing.
+    /// what is kept) change nothing. One document moves, so at most one other crosses the
+    /// window's edge: no copy of the window is made.
     pub(crate) fn apply(
         &mut self,
         id: &str,
@@ -216,32 +226,45 @@ impl Window {
         version: i64,
         state: Option<Visible<'_>>,
     ) -> Vec<Change> {
-        let kept = self.position(id).map(|i| self.entries[i].version);
-        if op == EventOp::Update && kept.is_some_and(|v| v >= version) {
+        if op == EventOp::Update
+            && self
+                .position(id)
+                .is_some_and(|i| self.entries[i].version >= version)
+        {
             return Vec::new();
         }
-        let before: Vec<(String, i64, Arc<str>)> = self
-            .shown()
-            .map(|e| (e.id.clone(), e.version, e.json.clone()))
-            .collect();
-        self.set(id, state);
-        let mut changes = Vec::new();
-        for (old_id, _, json) in &before {
-            if !self.shown().any(|e| &e.id == old_id) {
-                changes.push(Change::Removed(json.clone()));
-            }
-        }
-        for e in self.shown() {
-            match before.iter().find(|(old_id, _, _)| *old_id == e.id) {
-                None => changes.push(Change::Added(e.json.clone())),
-                Some((_, old_version, old_json)) => {
-                    if e.id == id && (*old_version != e.version || old_json != &e.json) {
-                        changes.push(Change::Modified(e.json.clone()));
-                    }
+        let limit = self.limit;
+        let (old, now) = self.set(id, state);
+        let was_shown = old.as_ref().filter(|(i, _)| *i < limit).map(|(_, e)| e);
+        let now_shown = now.filter(|j| *j < limit);
+        match (was_shown, now_shown) {
+            (Some(before), Some(j)) => {
+                let after = &self.entries[j];
+                if before.version != after.version || before.json != after.json {
+                    vec![Change::Modified(after.json.clone())]
+                } else {
+                    Vec::new()
                 }
             }
+            (Some(before), None) => {
+                let mut changes = vec![Change::Removed(before.json.clone())];
+                // The one below the edge moves up into the window.
+                if let Some(up) = self.entries.get(limit - 1) {
+                    changes.push(Change::Added(up.json.clone()));
+                }
+                changes
+            }
+            (None, Some(j)) => {
+                let mut changes = Vec::new();
+                // The one at the edge is pushed out.
+                if let Some(out) = self.entries.get(limit) {
+                    changes.push(Change::Removed(out.json.clone()));
+                }
+                changes.push(Change::Added(self.entries[j].json.clone()));
+                changes
+            }
+            (None, None) => Vec::new(),
         }
-        changes
     }
 
     /// The difference between what `before` showed and what this window shows (a refill or
