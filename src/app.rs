@@ -140,9 +140,11 @@ impl App {
         let background = tokio::spawn(background_tasks(state.clone()));
         let options = ServeOptions::from_config(&state.config.http);
         let (stop_tx, stop_rx) = watch::channel(false);
+        let realtime = state.realtime.clone();
         tokio::spawn(async move {
             shutdown.await;
             tracing::info!("shutting down: finishing in-flight requests");
+            realtime.begin_shutdown();
             let _ = stop_tx.send(true);
         });
         let stopped = |mut rx: watch::Receiver<bool>| async move {

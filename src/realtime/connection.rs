@@ -122,11 +122,16 @@ impl Connection {
         let hello_by =
             tokio::time::Instant::now() + Duration::from_secs(self.rt.config.hello_timeout_secs);
         let mut closing = self.closing.clone();
+        let mut stopping = self.rt.stopping.subscribe();
         loop {
             let expires = self.expires;
             tokio::select! {
                 biased;
                 _ = super::close_requested(&mut closing) => break,
+                _ = server_stopping(&mut stopping) => {
+                    self.outbox.close(1001, "the server is shutting down");
+                    break;
+                }
                 message = incoming.next() => match message {
                     None | Some(Incoming::Closed) => break,
                     Some(message) => {
@@ -948,6 +953,10 @@ fn merge(first: Vec<Change>, then: Vec<Change>) -> Vec<Change> {
         }
     }
     out
+}
+
+async fn server_stopping(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stopping| *stopping).await;
 }
 
 fn behind() -> ApiError {

@@ -136,6 +136,8 @@ pub struct Realtime {
     config: RealtimeConfig,
     next_connection: AtomicU64,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Set when the server begins to shut down: every connection closes with 1001.
+    stopping: watch::Sender<bool>,
 }
 
 /// The database key of the secret realtime cursors are sealed with (shared by all nodes).
@@ -169,6 +171,7 @@ impl Realtime {
             config,
             next_connection: AtomicU64::new(1),
             tasks,
+            stopping: watch::channel(false).0,
         }))
     }
 
@@ -182,6 +185,13 @@ impl Realtime {
     /// The configured largest client message.
     pub fn max_message_bytes(&self) -> usize {
         self.config.max_message_bytes
+    }
+
+    /// The server is shutting down: every connection closes now (1001, "going away") rather
+    /// than holding the shutdown for its grace period; clients reconnect to another node and
+    /// resume.
+    pub fn begin_shutdown(&self) {
+        self.stopping.send_replace(true);
     }
 
     /// At shutdown: tells the other nodes this one's members are gone.

@@ -1156,6 +1156,13 @@ async fn a_signed_out_session_ends_its_subscriptions(backend: Backend) {
     )
     .await;
     ws.silent(300).await;
+    // A server shutting down closes its sockets at once with 1001 (going away).
+    let mut other = Ws::connect(&ws_base(&app)).await;
+    other.send(json!({"type": "ping"})).await;
+    other.recv().await;
+    let stopping = tokio::spawn(app.stop());
+    assert_eq!(other.closed().await, Some(1001));
+    stopping.await.unwrap();
 }
 
 // ------------------------------------------------------------------------------------------
