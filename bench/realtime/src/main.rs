@@ -99,6 +99,8 @@ struct WorkerResult {
     rss_kb: u64,
     /// this worker's CPU (user + system) from READY to its result, in clock ticks
     cpu_ticks: u64,
+    /// a few (connection, subscription, seq) that never arrived
+    missing: Vec<(usize, usize, u64)>,
 }
 
 struct Tracker {
@@ -148,6 +150,25 @@ impl Tracker {
             .values()
             .map(|bits| self.writes as u64 - bits.iter().map(|w| w.count_ones() as u64).sum::<u64>())
             .sum()
+    }
+
+    /// Up to 20 (connection, subscription, seq) that have not arrived, for a bug report.
+    fn missing_sample(&self, conn_start: usize) -> Vec<(usize, usize, u64)> {
+        let mut out = Vec::new();
+        let mut keys: Vec<_> = self.seen.keys().copied().collect();
+        keys.sort();
+        for (c, j) in keys {
+            let bits = &self.seen[&(c, j)];
+            for seq in 0..self.writes as u64 {
+                if bits[seq as usize / 64] & (1 << (seq % 64)) == 0 {
+                    out.push((conn_start + c, j, seq));
+                    if out.len() >= 20 {
+                        return out;
+                    }
+                }
+            }
+        }
+        out
     }
 
     fn error(&mut self, e: String) {
@@ -588,6 +609,7 @@ fn worker_main() {
                         hist,
                         rss_kb: rss_kb("self"),
                         cpu_ticks: cpu_ticks("self") - cpu_ready,
+                        missing: t.missing_sample(cfg.conn_start),
                     };
                     println!("RESULT {}", serde_json::to_string(&res).unwrap());
                     std::io::stdout().flush().unwrap();
@@ -902,6 +924,7 @@ async fn run_main(args: RunArgs) {
     let mut total = WorkerResult::default();
     let mut client_rss = 0;
     let mut client_cpu = 0;
+    let mut missing: Vec<(usize, usize, u64)> = Vec::new();
     for w in workers.iter_mut() {
         w.stdin
             .write_all(format!("DRAIN {}\n", args.drain_ms).as_bytes())
@@ -927,6 +950,11 @@ async fn run_main(args: RunArgs) {
         total.last_recv_us = total.last_recv_us.max(r.last_recv_us);
         client_rss += r.rss_kb;
         client_cpu += r.cpu_ticks;
+        for m in r.missing {
+            if missing.len() < 20 {
+                missing.push(m);
+            }
+        }
         for e in r.errors {
             if errors.len() < 8 && !errors.contains(&e) {
                 errors.push(e);
@@ -979,6 +1007,7 @@ async fn run_main(args: RunArgs) {
         "server_cpu_us_per_delivery": if total.deliveries > 0 { ((cpu1 - cpu0) as f64 / hz * 1e6 / total.deliveries as f64 * 10.0).round() / 10.0 } else { 0.0 },
         "load_before": load_before,
         "errors": errors,
+        "missing_sample": missing,
     });
     println!("{out}");
     for w in workers.iter_mut() {
