@@ -666,7 +666,7 @@ fn parse_args(args: &[String]) -> RunArgs {
         writes: 1000,
         rate: 100.0,
         batch: 1,
-        concurrency: 16,
+        concurrency: 4,
         extra: json!({}),
         label: "run".into(),
         hold_secs: 0,
