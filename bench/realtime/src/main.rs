@@ -69,6 +69,8 @@ struct WorkerConfig {
     tokens: Vec<String>,
     writes: usize,
     limit: u32,
+    /// the field query subscriptions order by, descending
+    order: String,
     connect_concurrency: usize,
 }
 
@@ -247,7 +249,7 @@ async fn connect_from(source: &str, addr: SocketAddr) -> std::io::Result<TcpStre
 }
 
 fn subscribe_msg(cfg: &WorkerConfig, sub_id: &str, g: usize) -> String {
-    let order = json!([["$created_at", "desc"]]);
+    let order = json!([[cfg.order.as_str(), "desc"]]);
     let msg = match cfg.mode.as_str() {
         "doc" => json!({"type":"subscribe","id":sub_id,"collection":cfg.collection,"doc":format!("d{g}")}),
         "eq" => json!({"type":"subscribe","id":sub_id,"collection":cfg.collection,
@@ -645,6 +647,7 @@ struct RunArgs {
     label: String,
     hold_secs: u64,
     limit: u32,
+    order: String,
     drain_ms: u64,
     connect_concurrency: usize,
     ready_timeout_s: u64,
@@ -671,6 +674,7 @@ fn parse_args(args: &[String]) -> RunArgs {
         label: "run".into(),
         hold_secs: 0,
         limit: 10,
+        order: "seq".into(),
         drain_ms: 20_000,
         connect_concurrency: 256,
         ready_timeout_s: 300,
@@ -699,6 +703,7 @@ fn parse_args(args: &[String]) -> RunArgs {
             "--label" => a.label = v,
             "--hold" => a.hold_secs = v.parse().unwrap(),
             "--limit" => a.limit = v.parse().unwrap(),
+            "--order" => a.order = v,
             "--drain-ms" => a.drain_ms = v.parse().unwrap(),
             "--connect-concurrency" => a.connect_concurrency = v.parse().unwrap(),
             "--ready-timeout" => a.ready_timeout_s = v.parse().unwrap(),
@@ -779,6 +784,7 @@ async fn run_main(args: RunArgs) {
             tokens: tokens.clone(),
             writes: args.writes,
             limit: args.limit,
+            order: args.order.clone(),
             connect_concurrency: args.connect_concurrency,
         };
         let mut child = tokio::process::Command::new(&exe)
