@@ -221,6 +221,8 @@ pub struct RealtimeConfig {
     pub max_message_bytes: usize,
     /// Messages queued for one client before it counts as too slow and is closed (4008).
     pub send_queue: usize,
+    /// Bytes queued for one client before it counts as too slow and is closed (4008).
+    pub send_queue_bytes: usize,
     /// Changes queued for one connection before it reads them from the change log instead.
     pub event_queue: usize,
     /// A connection that sends no valid message this long after opening is closed.
@@ -273,6 +275,7 @@ impl Default for RealtimeConfig {
             max_channels_per_connection: 20,
             max_message_bytes: 64 * 1024,
             send_queue: 1024,
+            send_queue_bytes: 32 * 1024 * 1024,
             event_queue: 1024,
             hello_timeout_secs: 10,
             heartbeat_secs: 25,
@@ -531,6 +534,10 @@ impl Config {
                 rt.max_channels_per_connection as u64,
             ),
             ("realtime.send_queue", rt.send_queue as u64),
+            (
+                "realtime.send_queue_bytes",
+                (rt.send_queue_bytes / (1024 * 1024)) as u64,
+            ),
             ("realtime.event_queue", rt.event_queue as u64),
             ("realtime.hello_timeout_secs", rt.hello_timeout_secs),
             ("realtime.heartbeat_secs", rt.heartbeat_secs),

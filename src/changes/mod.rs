@@ -184,6 +184,22 @@ impl ChangeBus {
             .await?)
     }
 
+    /// The event at `position` (topic `topic`), read whatever the watermark: for an event the
+    /// bus published without its payload, which is committed but may be above the watermark
+    /// for a moment yet. `None` when it is not there (pruned, or another topic).
+    pub async fn event_at(
+        &self,
+        position: i64,
+        topic: &str,
+    ) -> Result<Option<Event>, ChangesError> {
+        Ok(self
+            .store
+            .events_after(position - 1, Some(position), Some(topic), 1)
+            .await?
+            .into_iter()
+            .find(|e| e.position == position && e.topic == topic))
+    }
+
     /// Where reading from the start begins: just before the oldest retained event.
     pub async fn oldest_retained(&self) -> Result<i64, ChangesError> {
         Ok(self.store.pruned_through().await?)

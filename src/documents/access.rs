@@ -251,7 +251,15 @@ impl DocumentService {
     pub async fn read_check(&self, caller: &Caller, collection: &str) -> ApiResult<ReadCheck> {
         let principal = Principal::from(caller);
         let coll = self.collection(collection).await?;
-        let plan = self.read_plan(&coll, &principal)?;
+        let mut plan = self.read_plan(&coll, &principal)?;
+        // A plan made from a rule that reads `request.time` (a filter, or a constant "all" or
+        // "nothing") holds only now; changes arrive later, so such a rule is evaluated on each
+        // document when its change arrives.
+        if !matches!(principal, Principal::Privileged)
+            && coll.read.as_ref().is_some_and(Rule::reads_request)
+        {
+            plan = ReadPlan::PerRow(None);
+        }
         Ok(ReadCheck {
             principal,
             coll,

@@ -80,16 +80,17 @@ async fn write(
     mut sink: futures::stream::SplitSink<WebSocket, Message>,
     mut outbox: OutboxReceiver,
 ) {
+    let mut close = outbox.close.clone();
     loop {
         let batch = async {
-            let Some(first) = outbox.frames.recv().await else {
+            let Some(first) = outbox.next().await else {
                 return false;
             };
             let mut frames = vec![first];
             while frames.len() < WRITE_BATCH {
-                match outbox.frames.try_recv() {
-                    Ok(f) => frames.push(f),
-                    Err(_) => break,
+                match outbox.try_next() {
+                    Some(f) => frames.push(f),
+                    None => break,
                 }
             }
             let send = async {
@@ -106,17 +107,23 @@ async fn write(
         };
         tokio::select! {
             biased;
-            _ = crate::realtime::close_requested(&mut outbox.close) => break,
+            _ = crate::realtime::close_requested(&mut close) => break,
             ok = batch => if !ok { return },
         }
     }
-    let close = outbox.close.borrow().clone();
+    let close = close.borrow().clone();
     if let Some(close) = close {
         let frame = Message::Close(Some(CloseFrame {
             code: close.code,
             reason: close.reason.into(),
         }));
         // Behind whatever the client has not read yet: give it a while, then drop the socket.
-        let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.send(frame)).await;
+        // When the client closed first, tungstenite has queued its answer to that close and
+        // refuses ours: the flush sends the queued one, so the close is clean either way.
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
+            let _ = sink.send(frame).await;
+            let _ = sink.flush().await;
+        })
+        .await;
     }
 }

@@ -15,7 +15,7 @@
 //! `realtime.max_resume_events` changes were missed, the answer is a fresh snapshot with
 //! `reset: true`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -64,6 +64,9 @@ const CLOSE_SILENT: u16 = 4000;
 const MAX_CONNECTION_WINDOW_BYTES: usize = 16 * 1024 * 1024;
 /// Broadcasts one connection may send per second.
 const BROADCASTS_PER_SECOND: u32 = 100;
+/// Joins (each sends the joiner the channel's whole presence) and leaves one connection may
+/// send per second.
+const JOINS_PER_SECOND: u32 = 10;
 
 struct Sub {
     collection: String,
@@ -87,9 +90,14 @@ pub struct Connection {
     inbox: Arc<Inbox>,
     inbox_rx: mpsc::Receiver<Arc<Delivery>>,
     subs: HashMap<String, Sub>,
-    channels: BTreeSet<String>,
+    /// Joined channels, with the presence given.
+    channels: BTreeMap<String, Value>,
     last_heard: Instant,
     broadcasts: governor::DefaultDirectRateLimiter,
+    joins: governor::DefaultDirectRateLimiter,
+    /// Heartbeats in a row whose ping got no sign of life before the next one.
+    unanswered: u32,
+    last_ping: Instant,
 }
 
 impl Connection {
@@ -105,11 +113,16 @@ impl Connection {
             inbox,
             inbox_rx,
             subs: HashMap::new(),
-            channels: BTreeSet::new(),
+            channels: BTreeMap::new(),
             last_heard: Instant::now(),
             broadcasts: governor::RateLimiter::direct(governor::Quota::per_second(
                 std::num::NonZeroU32::new(BROADCASTS_PER_SECOND).expect("not zero"),
             )),
+            joins: governor::RateLimiter::direct(governor::Quota::per_second(
+                std::num::NonZeroU32::new(JOINS_PER_SECOND).expect("not zero"),
+            )),
+            unanswered: 0,
+            last_ping: Instant::now(),
             rt,
         }
     }
@@ -119,6 +132,7 @@ impl Connection {
         metrics::gauge!("basalt_realtime_connections").increment(1.0);
         let beat = Duration::from_secs(self.rt.config.heartbeat_secs);
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + beat, beat);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let hello_by =
             tokio::time::Instant::now() + Duration::from_secs(self.rt.config.hello_timeout_secs);
         let mut closing = self.closing.clone();
@@ -149,7 +163,7 @@ impl Connection {
                     }
                     self.deliver(&batch).await;
                 }
-                _ = heartbeat.tick() => self.heartbeat(beat).await,
+                _ = heartbeat.tick() => self.heartbeat().await,
                 _ = tokio::time::sleep_until(expires.unwrap_or_else(tokio::time::Instant::now)), if expires.is_some() => {
                     self.expire();
                 }
@@ -180,7 +194,7 @@ impl Connection {
                     self.greeted = true;
                     self.on_message(message).await
                 }
-                Err(bad) => self.send_error(bad.id.as_deref(), None, &bad.error),
+                Err(bad) => self.send_error(bad.id.as_deref(), bad.channel.as_deref(), &bad.error),
             },
             Incoming::Binary => self.send_error(
                 None,
@@ -203,6 +217,13 @@ impl Connection {
         match message {
             ClientMessage::Ping => self.send(protocol::pong()),
             ClientMessage::Auth { token } => match self.rt.auth.resolve(Some(&token)).await {
+                Ok(caller) if !self.session_is_live(&caller).await => self.send_error(
+                    None,
+                    None,
+                    &ApiError::Unauthenticated(
+                        "this token's session was signed out or revoked".into(),
+                    ),
+                ),
                 Ok(caller) => self.set_caller(caller).await,
                 Err(err) => self.send_error(None, None, &err),
             },
@@ -242,8 +263,24 @@ impl Connection {
                     &ApiError::NotFound(format!("no subscription `{id}` on this connection")),
                 ),
             },
+            ClientMessage::Join { .. } | ClientMessage::Leave { .. }
+                if self.joins.check().is_err() =>
+            {
+                let (ClientMessage::Join { channel, .. } | ClientMessage::Leave { channel }) =
+                    &message
+                else {
+                    return;
+                };
+                self.send_error(
+                    None,
+                    Some(channel),
+                    &ApiError::RateLimited {
+                        retry_after_secs: 1,
+                    },
+                );
+            }
             ClientMessage::Join { channel, presence } => {
-                if !self.channels.contains(&channel)
+                if !self.channels.contains_key(&channel)
                     && self.channels.len() >= self.rt.config.max_channels_per_connection
                 {
                     return self.send_error(
@@ -267,10 +304,10 @@ impl Connection {
                 self.rt
                     .channels
                     .join(&channel, &self.key, &self.caller, &presence, &self.outbox);
-                self.channels.insert(channel);
+                self.channels.insert(channel, presence);
             }
             ClientMessage::Leave { channel } => {
-                if self.channels.remove(&channel) {
+                if self.channels.remove(&channel).is_some() {
                     self.rt.channels.leave(&channel, &self.key);
                     self.send(protocol::left(&channel));
                 } else {
@@ -286,7 +323,7 @@ impl Connection {
                 event,
                 payload,
             } => {
-                if !self.channels.contains(&channel) {
+                if !self.channels.contains_key(&channel) {
                     return self.send_error(
                         None,
                         Some(&channel),
@@ -327,6 +364,18 @@ impl Connection {
 
     // ------------------------------------------------------------------ identity
 
+    /// Whether a user's session is still live (not signed out, not revoked, user not disabled
+    /// or deleted). Other callers have no session. A failed read does not end anything.
+    async fn session_is_live(&self, caller: &Caller) -> bool {
+        let Caller::User(claims) = caller else {
+            return true;
+        };
+        match self.rt.auth.store().list_sessions(&claims.sub).await {
+            Ok(sessions) => sessions.iter().any(|s| s.id == claims.session_id),
+            Err(_) => true,
+        }
+    }
+
     async fn set_caller(&mut self, caller: Caller) {
         let exp = match &caller {
             Caller::User(c) => Some(c.exp),
@@ -355,9 +404,18 @@ impl Connection {
         for id in ids {
             self.reset(&id).await;
         }
-        let channels: Vec<String> = self.channels.iter().cloned().collect();
-        for channel in channels {
-            if !self.rt.channels.may(Action::Join, &self.caller, &channel) {
+        let channels: Vec<(String, Value)> = self
+            .channels
+            .iter()
+            .map(|(c, p)| (c.clone(), p.clone()))
+            .collect();
+        for (channel, presence) in channels {
+            if self.rt.channels.may(Action::Join, &self.caller, &channel) {
+                // Still a member, under the new identity: the others see the entry change.
+                self.rt
+                    .channels
+                    .join(&channel, &self.key, &self.caller, &presence, &self.outbox);
+            } else {
                 self.channels.remove(&channel);
                 self.rt.channels.leave(&channel, &self.key);
                 self.send_error(
@@ -387,7 +445,7 @@ impl Connection {
             self.drop_sub(&sub);
             self.send_error(Some(&id), None, &err);
         }
-        for channel in std::mem::take(&mut self.channels) {
+        for channel in std::mem::take(&mut self.channels).into_keys() {
             self.rt.channels.leave(&channel, &self.key);
             self.send_error(None, Some(&channel), &err);
         }
@@ -878,28 +936,38 @@ impl Connection {
         }
     }
 
-    async fn heartbeat(&mut self, beat: Duration) {
-        if self.last_heard.elapsed() > beat * 2 + Duration::from_secs(1) {
+    async fn heartbeat(&mut self) {
+        // Silent: nothing read since the last ping, twice in a row. Counted in pings rather
+        // than in time, so a connection kept busy (a large refill) does not blame its client.
+        if self.last_heard < self.last_ping {
+            self.unanswered += 1;
+        } else {
+            self.unanswered = 0;
+        }
+        if self.unanswered >= 2 {
             self.outbox
                 .close(CLOSE_SILENT, "no message or pong for two heartbeats");
             return;
         }
         self.outbox.ping();
+        self.last_ping = Instant::now();
         // A signed-out or revoked session (logout, an admin's disable) ends here rather than
         // at its token's expiry: one small read per user socket per heartbeat.
-        if let Caller::User(claims) = &self.caller {
-            let live = self.rt.auth.store().list_sessions(&claims.sub).await;
-            if live.is_ok_and(|sessions| sessions.iter().all(|s| s.id != claims.session_id)) {
-                self.end_identity(
-                    "the session was signed out or revoked: sign in again, then send `auth`",
-                );
-            }
+        if !self.session_is_live(&self.caller.clone()).await {
+            self.end_identity(
+                "the session was signed out or revoked: sign in again, then send `auth`",
+            );
         }
         // New rules for a collection apply to open subscriptions from here.
         let mut changed = Vec::new();
         for (id, sub) in &self.subs {
+            // The definition is re-read from the database now and then: compare what
+            // matters, not the copy.
+            let was = &sub.check.collection().row;
             match self.rt.documents.collection(&sub.collection).await {
-                Ok(coll) if Arc::ptr_eq(&coll, sub.check.collection()) => {}
+                Ok(coll)
+                    if coll.row.rules.get("read") == was.rules.get("read")
+                        && coll.row.created_at == was.created_at => {}
                 _ => changed.push(id.clone()),
             }
         }
@@ -919,7 +987,7 @@ impl Connection {
         for (_, sub) in std::mem::take(&mut self.subs) {
             self.drop_sub(&sub);
         }
-        for channel in std::mem::take(&mut self.channels) {
+        for channel in std::mem::take(&mut self.channels).into_keys() {
             self.rt.channels.leave(&channel, &self.key);
         }
         self.outbox.close(1000, "");

@@ -1,15 +1,16 @@
 //! Realtime cursors: a change-log position, sealed. The position counts every write of every
-//! collection, so shown in the clear it would tell a subscriber how busy collections it cannot
-//! read are. A cursor is a deterministic authenticated encryption of the position (the SIV
-//! construction over HMAC-SHA256: a tag of the position, and the position masked by a key
-//! stream drawn from the tag), so it is computed once per change for every subscriber, two
-//! cursors compare only for equality, and a forged or altered one is refused.
+//! collection, so shown in the clear — or even compared for equality — it would tell a
+//! subscriber whether anything was written where it cannot read. A cursor is a randomised
+//! authenticated encryption of the position: a fresh random salt, the position masked with a
+//! key stream drawn from the salt (HMAC-SHA256), and a tag over both, so two cursors for the
+//! same position differ, no two can be compared, and a forged or altered one is refused.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+const SALT_BYTES: usize = 8;
 const TAG_BYTES: usize = 12;
 
 pub(crate) struct PositionSeal {
@@ -32,12 +33,19 @@ impl PositionSeal {
     }
 
     pub(crate) fn seal(&self, position: i64) -> String {
-        let plain = position.to_le_bytes();
-        let tag = &mac(&self.tag_key, &plain)[..TAG_BYTES];
-        let mask = mac(&self.mask_key, tag);
-        let mut out = Vec::with_capacity(TAG_BYTES + 8);
-        out.extend_from_slice(tag);
-        out.extend(plain.iter().zip(mask.iter()).map(|(p, m)| p ^ m));
+        let salt: [u8; SALT_BYTES] = rand::random();
+        let mask = mac(&self.mask_key, &salt);
+        let mut out = Vec::with_capacity(SALT_BYTES + 8 + TAG_BYTES);
+        out.extend_from_slice(&salt);
+        out.extend(
+            position
+                .to_le_bytes()
+                .iter()
+                .zip(mask.iter())
+                .map(|(p, m)| p ^ m),
+        );
+        let tag = mac(&self.tag_key, &out);
+        out.extend_from_slice(&tag[..TAG_BYTES]);
         URL_SAFE_NO_PAD.encode(out)
     }
 
@@ -47,18 +55,20 @@ impl PositionSeal {
             return None;
         }
         let raw = URL_SAFE_NO_PAD.decode(cursor).ok()?;
-        if raw.len() != TAG_BYTES + 8 {
+        if raw.len() != SALT_BYTES + 8 + TAG_BYTES {
             return None;
         }
-        let (tag, masked) = raw.split_at(TAG_BYTES);
-        let mask = mac(&self.mask_key, tag);
+        let (body, tag) = raw.split_at(SALT_BYTES + 8);
+        if &mac(&self.tag_key, body)[..TAG_BYTES] != tag {
+            return None;
+        }
+        let (salt, masked) = body.split_at(SALT_BYTES);
+        let mask = mac(&self.mask_key, salt);
         let mut plain = [0u8; 8];
         for (i, (c, m)) in masked.iter().zip(mask.iter()).enumerate() {
             plain[i] = c ^ m;
         }
-        let expected = &mac(&self.tag_key, &plain)[..TAG_BYTES];
-        // Not secret-dependent timing worth guarding: the tag is public once the cursor is.
-        (expected == tag).then(|| i64::from_le_bytes(plain))
+        Some(i64::from_le_bytes(plain))
     }
 }
 
@@ -71,8 +81,12 @@ mod tests {
         let seal = PositionSeal::new(b"secret");
         let c = seal.seal(12345);
         assert_eq!(seal.open(&c), Some(12345));
-        assert_eq!(seal.seal(12345), c, "deterministic");
-        assert_ne!(seal.seal(12346), c);
+        assert_ne!(
+            seal.seal(12345),
+            c,
+            "randomised: equal positions do not compare"
+        );
+        assert_eq!(seal.open(&seal.seal(12345)), Some(12345));
         assert!(!c.contains("12345"));
         let mut bytes = URL_SAFE_NO_PAD.decode(&c).unwrap();
         bytes[15] ^= 1;

@@ -152,7 +152,10 @@ pub(crate) fn value_key(v: &Value) -> Option<String> {
     match v {
         Value::String(s) => Some(format!("s{s}")),
         Value::Bool(b) => Some(format!("b{b}")),
-        Value::Number(n) => n.as_f64().map(|f| format!("n{f}")),
+        // -0 equals 0 (and is stored as 0 by one database but not the other).
+        Value::Number(n) => n
+            .as_f64()
+            .map(|f| format!("n{}", if f == 0.0 { 0.0 } else { f })),
         Value::Null => Some("z".into()),
         _ => None,
     }
@@ -363,13 +366,14 @@ impl Hub {
         if event.payload_omitted {
             // Too large for the bus: read it from the log, once for every subscriber.
             let Some(bus) = bus.upgrade() else { return };
-            match bus.read(event.position - 1, Some(&event.topic), 1).await {
-                Ok(found) => {
-                    if let Some(full) = found.iter().find(|e| e.position == event.position) {
-                        if let Some(d) = Delivery::from_event(full, seal) {
-                            self.route(d);
-                        }
+            match bus.event_at(event.position, &event.topic).await {
+                Ok(Some(full)) => {
+                    if let Some(d) = Delivery::from_event(&full, seal) {
+                        self.route(d);
                     }
+                }
+                Ok(None) => {
+                    tracing::warn!(position = event.position, "a large change is missing from the log; realtime subscribers will not see it")
                 }
                 Err(err) => {
                     tracing::warn!(error = %err, position = event.position, "could not read a large change for realtime; subscribers will not see it")
@@ -429,6 +433,7 @@ mod tests {
             Route::All
         );
         assert_eq!(value_key(&json!(1)), value_key(&json!(1.0)));
+        assert_eq!(value_key(&json!(-0.0)), value_key(&json!(0)));
         assert_ne!(value_key(&json!(1)), value_key(&json!("1")));
     }
 }

@@ -21,7 +21,7 @@ mod hub;
 mod protocol;
 mod window;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
@@ -56,47 +56,89 @@ pub const CLOSE_TOO_SLOW: u16 = 4008;
 pub struct Outbox {
     frames: mpsc::Sender<Frame>,
     close: Arc<watch::Sender<Option<CloseFrame>>>,
+    /// Bytes queued and not yet taken by the socket's writer.
+    queued: Arc<AtomicUsize>,
+    max_bytes: usize,
 }
 
 /// The socket's side of an [`Outbox`].
 pub struct OutboxReceiver {
-    pub frames: mpsc::Receiver<Frame>,
+    frames: mpsc::Receiver<Frame>,
     pub close: watch::Receiver<Option<CloseFrame>>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl OutboxReceiver {
+    /// The next frame, taken off the queue (its bytes no longer count).
+    pub async fn next(&mut self) -> Option<Frame> {
+        let frame = self.frames.recv().await?;
+        self.taken(&frame);
+        Some(frame)
+    }
+
+    /// The next frame if one is waiting.
+    pub fn try_next(&mut self) -> Option<Frame> {
+        let frame = self.frames.try_recv().ok()?;
+        self.taken(&frame);
+        Some(frame)
+    }
+
+    fn taken(&self, frame: &Frame) {
+        if let Frame::Text(text) = frame {
+            self.queued.fetch_sub(text.len(), Ordering::Relaxed);
+        }
+    }
 }
 
 impl Outbox {
-    fn new(capacity: usize) -> (Outbox, OutboxReceiver) {
+    fn new(capacity: usize, max_bytes: usize) -> (Outbox, OutboxReceiver) {
         let (tx, rx) = mpsc::channel(capacity);
         let (close_tx, close_rx) = watch::channel(None);
+        let queued = Arc::new(AtomicUsize::new(0));
         (
             Outbox {
                 frames: tx,
                 close: Arc::new(close_tx),
+                queued: queued.clone(),
+                max_bytes,
             },
             OutboxReceiver {
                 frames: rx,
                 close: close_rx,
+                queued,
             },
         )
     }
 
-    /// Queues a text frame; `false` when the client is gone or too slow (then it is closed).
+    /// Queues a text frame; `false` when the client is gone or too slow (then it is closed):
+    /// more than `realtime.send_queue` messages or `realtime.send_queue_bytes` bytes waiting.
     pub(crate) fn send(&self, text: impl Into<Arc<str>>) -> bool {
         if self.is_closed() {
             return false;
         }
-        match self.frames.try_send(Frame::Text(text.into())) {
+        let text = text.into();
+        let len = text.len();
+        if self.queued.fetch_add(len, Ordering::Relaxed) + len > self.max_bytes {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            return self.too_slow();
+        }
+        match self.frames.try_send(Frame::Text(text)) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                metrics::counter!("basalt_realtime_slow_consumers_total").increment(1);
-                self.close(
-                    CLOSE_TOO_SLOW,
-                    "too slow: messages were not read fast enough",
-                );
-                false
+                self.queued.fetch_sub(len, Ordering::Relaxed);
+                self.too_slow()
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
+    }
+
+    fn too_slow(&self) -> bool {
+        metrics::counter!("basalt_realtime_slow_consumers_total").increment(1);
+        self.close(
+            CLOSE_TOO_SLOW,
+            "too slow: messages were not read fast enough",
+        );
+        false
     }
 
     fn ping(&self) {
@@ -178,7 +220,7 @@ impl Realtime {
     /// A new connection, and where its frames are to be read from.
     pub fn open(self: &Arc<Self>) -> (Connection, OutboxReceiver) {
         let id = self.next_connection.fetch_add(1, Ordering::Relaxed);
-        let (outbox, receiver) = Outbox::new(self.config.send_queue);
+        let (outbox, receiver) = Outbox::new(self.config.send_queue, self.config.send_queue_bytes);
         (Connection::new(self.clone(), id, outbox), receiver)
     }
 

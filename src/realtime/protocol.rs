@@ -99,12 +99,15 @@ struct Empty {}
 #[derive(Debug)]
 pub(crate) struct Malformed {
     pub(crate) id: Option<String>,
+    /// The channel the message was about, when it names a valid one.
+    pub(crate) channel: Option<String>,
     pub(crate) error: ApiError,
 }
 
 fn invalid(id: Option<String>, message: String) -> Malformed {
     Malformed {
         id,
+        channel: None,
         error: ApiError::invalid(message),
     }
 }
@@ -134,7 +137,24 @@ impl ClientMessage {
             .and_then(Value::as_str)
             .filter(|id| valid_sub_id(id))
             .map(str::to_string);
-        let message = match kind.as_str() {
+        let channel = object
+            .get("channel")
+            .and_then(Value::as_str)
+            .filter(|c| check_channel(c).is_ok())
+            .map(str::to_string);
+        let message = Self::parse_kind(&kind, value, id).map_err(|mut bad| {
+            bad.channel = bad.channel.or(channel);
+            bad
+        })?;
+        Ok(message)
+    }
+
+    fn parse_kind(
+        kind: &str,
+        value: Value,
+        id: Option<String>,
+    ) -> Result<ClientMessage, Malformed> {
+        let message = match kind {
             "auth" => ClientMessage::Auth {
                 token: fields::<Auth>("auth", value, None)?.token,
             },
@@ -300,13 +320,13 @@ pub(crate) fn pong() -> String {
     r#"{"type":"pong"}"#.to_string()
 }
 
+/// `expires_at` in Unix seconds, as `session.expires_at` of the HTTP API.
 pub(crate) fn authenticated(role: &str, uid: Option<&str>, expires_at: Option<i64>) -> String {
     json!({
         "type": "authenticated",
         "role": role,
         "uid": uid,
-        "expires_at": expires_at.and_then(|t| chrono::DateTime::from_timestamp(t, 0))
-            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        "expires_at": expires_at,
     })
     .to_string()
 }

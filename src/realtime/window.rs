@@ -270,14 +270,17 @@ impl Window {
     /// The difference between what `before` showed and what this window shows (a refill or
     /// a reset of the same subscription).
     pub(crate) fn diff_from(&self, before: &Window) -> Vec<Change> {
+        use std::collections::HashMap;
+        let now: HashMap<&str, &Entry> = self.shown().map(|e| (e.id.as_str(), e)).collect();
+        let then: HashMap<&str, &Entry> = before.shown().map(|e| (e.id.as_str(), e)).collect();
         let mut changes = Vec::new();
         for old in before.shown() {
-            if !self.shown().any(|e| e.id == old.id) {
+            if !now.contains_key(old.id.as_str()) {
                 changes.push(Change::Removed(old.json.clone()));
             }
         }
         for e in self.shown() {
-            match before.shown().find(|old| old.id == e.id) {
+            match then.get(e.id.as_str()) {
                 None => changes.push(Change::Added(e.json.clone())),
                 Some(old) if old.version != e.version || old.json != e.json => {
                     changes.push(Change::Modified(e.json.clone()))

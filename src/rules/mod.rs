@@ -325,6 +325,16 @@ impl Rule {
         }
     }
 
+    /// Whether the rule reads `request` (its time, for one): a filter made from it holds only
+    /// at the moment it was made.
+    pub fn reads_request(&self) -> bool {
+        fn walk(e: &IdedExpr) -> bool {
+            matches!(&e.expr, Expr::Ident(name) if name == "request")
+                || limits::children(e).into_iter().any(walk)
+        }
+        walk(&self.inner.expr)
+    }
+
     /// Whether a channel rule ([`Rule::compile_channel`]) lets `auth` use `channel`. Only the
     /// bool `true` allows; an error, a non-bool, a `get()` (no documents are read here) or
     /// running out of time denies.

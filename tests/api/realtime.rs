@@ -31,6 +31,7 @@ store_tests!(
     subscriptions_are_limited_and_checked,
     new_rules_reach_open_subscriptions,
     a_signed_out_session_ends_its_subscriptions,
+    large_documents_negative_zero_and_time_rules,
 );
 
 type Stream =
@@ -1163,6 +1164,112 @@ async fn a_signed_out_session_ends_its_subscriptions(backend: Backend) {
     let stopping = tokio::spawn(app.stop());
     assert_eq!(other.closed().await, Some(1001));
     stopping.await.unwrap();
+}
+
+/// What a hostile client found: changes over the bus's 64 KiB payload were lost on SQLite,
+/// `-0` was routed apart from `0`, and a rule reading `request.time` was frozen at subscribe.
+async fn large_documents_negative_zero_and_time_rules(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let admin = app.admin_token().await;
+    admin_collection(&app, &admin, "c", json!({"rules": open_rules()})).await;
+    let mut ws = Ws::connect(&ws_base(&app)).await;
+    ws.subscribe("all", "c", json!({"query": {"limit": 1000}}))
+        .await;
+    ws.subscribe("zero", "c", json!({"query": {"where": ["n", "==", 0]}}))
+        .await;
+    let big = "b".repeat(70_000);
+    let writes: Vec<Value> = (0..10)
+        .map(|i| json!({"op": "create", "collection": "c", "id": format!("big{i}"), "data": {"s": big}}))
+        .collect();
+    write(
+        &app,
+        &admin,
+        Method::POST,
+        "/v1/db/_batch",
+        Some(json!({"writes": writes})),
+    )
+    .await;
+    for i in 0..5 {
+        write(
+            &app,
+            &admin,
+            Method::POST,
+            "/v1/db/c",
+            Some(json!({"id": format!("one{i}"), "data": {"s": big}})),
+        )
+        .await;
+    }
+    let mut got = HashSet::new();
+    while got.len() < 15 {
+        for (kind, id) in kinds(&ws.recv().await) {
+            assert_eq!(kind, "added");
+            got.insert(id);
+        }
+    }
+    let body = r#"{"id": "negzero", "data": {"n": -0.0}}"#;
+    let r = app
+        .client
+        .post(app.url("/v1/db/c"))
+        .bearer_auth(&admin)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let m = ws.recv().await;
+        seen.push(m["id"].as_str().unwrap().to_string());
+    }
+    seen.sort();
+    assert_eq!(seen, ["all", "zero"]);
+    // A rule that reads the time is applied at each change, not frozen at subscribe.
+    let until = (chrono::Utc::now() + chrono::Duration::seconds(2)).to_rfc3339();
+    admin_collection(
+        &app,
+        &admin,
+        "embargo",
+        json!({"rules": {"read": format!("request.time < timestamp('{until}')")}}),
+    )
+    .await;
+    let mut late = Ws::connect(&ws_base(&app)).await;
+    let (_, token, _) = app.user("late@example.com").await;
+    late.auth(&token).await;
+    late.subscribe("e", "embargo", json!({"query": {}})).await;
+    write(
+        &app,
+        &admin,
+        Method::POST,
+        "/v1/db/embargo",
+        Some(json!({"id": "early", "data": {}})),
+    )
+    .await;
+    assert_eq!(
+        kinds(&late.recv().await),
+        [("added".into(), "early".into())]
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    write(
+        &app,
+        &admin,
+        Method::POST,
+        "/v1/db/embargo",
+        Some(json!({"id": "after", "data": {}})),
+    )
+    .await;
+    write(
+        &app,
+        &admin,
+        Method::PATCH,
+        "/v1/db/embargo/early",
+        Some(json!({"data": {"secret": 1}})),
+    )
+    .await;
+    let m = late.recv().await;
+    assert_eq!(kinds(&m), [("removed".into(), "early".into())]);
+    assert!(m["changes"][0]["document"]["data"].get("secret").is_none());
+    late.silent(300).await;
 }
 
 // ------------------------------------------------------------------------------------------
