@@ -974,6 +974,13 @@ async fn a_socket_that_says_nothing_is_closed(backend: Backend) {
     ws.send(json!({"type": "ping"})).await;
     ws.recv().await;
     ws.silent(1500).await;
+    // A client's close is answered with a close (a clean close, not 1006).
+    ws.stream.close(None).await.unwrap();
+    let answer = tokio::time::timeout(WAIT, ws.stream.next()).await.unwrap();
+    assert!(
+        matches!(answer, Some(Ok(Message::Close(_)))),
+        "the server answers a close: {answer:?}"
+    );
 }
 
 async fn channels_join_broadcast_and_presence(backend: Backend) {
