@@ -795,11 +795,10 @@ impl Connection {
     /// message per subscription, with the window refilled in it when it ran short.
     async fn deliver(&mut self, batch: &[Arc<Delivery>]) {
         let mut lookups = Fetched::new();
-        let ids: Vec<String> = self.subs.keys().cloned().collect();
-        for id in ids {
-            let Some(mut sub) = self.subs.remove(&id) else {
-                continue;
-            };
+        let rt = self.rt.clone();
+        // Windows that ran short wait for their refill, which rides in the same message.
+        let mut short: Vec<(String, Vec<Change>)> = Vec::new();
+        for (id, sub) in self.subs.iter_mut() {
             let mut changes = Vec::new();
             let mut cursor = None;
             for d in batch {
@@ -812,7 +811,7 @@ impl Connection {
                         continue;
                     }
                 }
-                cursor = Some(d.cursor.clone());
+                cursor = Some(&d.cursor);
                 let state = match &d.new {
                     Some(doc)
                         if sub
@@ -820,11 +819,7 @@ impl Connection {
                             .filter
                             .as_ref()
                             .is_none_or(|f| query::matches(f, doc))
-                            && self
-                                .rt
-                                .documents
-                                .readable(&sub.check, doc, &mut lookups)
-                                .await =>
+                            && rt.documents.readable(&sub.check, doc, &mut lookups).await =>
                     {
                         d.new_json().map(|json| (doc, json))
                     }
@@ -838,26 +833,34 @@ impl Connection {
                 ));
             }
             if sub.window.needs_refill() {
-                match self.build(&sub, sub.pos).await {
-                    Ok((window, end)) => {
-                        changes = merge(changes, window.diff_from(&sub.window));
-                        sub.window = window;
-                        sub.pos = end;
-                        cursor = Some(self.rt.seal.seal(end));
-                    }
-                    Err(err) => {
-                        self.drop_sub(&sub);
-                        self.send_error(Some(&id), None, &err);
-                        continue;
-                    }
-                }
-            }
-            if let (false, Some(cursor)) = (changes.is_empty(), cursor) {
+                short.push((id.clone(), changes));
+            } else if let (false, Some(cursor)) = (changes.is_empty(), cursor) {
                 metrics::counter!("basalt_realtime_events_sent_total")
                     .increment(changes.len() as u64);
-                self.outbox.send(protocol::changes(&id, &changes, &cursor));
+                self.outbox.send(protocol::changes(id, &changes, cursor));
             }
-            self.subs.insert(id, sub);
+        }
+        for (id, changes) in short {
+            let Some(mut sub) = self.subs.remove(&id) else {
+                continue;
+            };
+            match self.build(&sub, sub.pos).await {
+                Ok((window, end)) => {
+                    let changes = merge(changes, window.diff_from(&sub.window));
+                    sub.window = window;
+                    sub.pos = end;
+                    if !changes.is_empty() {
+                        metrics::counter!("basalt_realtime_events_sent_total")
+                            .increment(changes.len() as u64);
+                        self.send(protocol::changes(&id, &changes, &self.rt.seal.seal(end)));
+                    }
+                    self.subs.insert(id, sub);
+                }
+                Err(err) => {
+                    self.drop_sub(&sub);
+                    self.send_error(Some(&id), None, &err);
+                }
+            }
         }
     }
 
