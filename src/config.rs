@@ -256,15 +256,15 @@ pub struct ChannelRulesConfig {
 fn rule_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
-    enum Text {
+    enum Given {
         Text(String),
         Bool(bool),
         Int(i64),
     }
-    Ok(Option::<Text>::deserialize(d)?.map(|t| match t {
-        Text::Text(s) => s,
-        Text::Bool(b) => b.to_string(),
-        Text::Int(n) => n.to_string(),
+    Ok(Option::<Given>::deserialize(d)?.map(|t| match t {
+        Given::Text(s) => s,
+        Given::Bool(b) => b.to_string(),
+        Given::Int(n) => n.to_string(),
     }))
 }
 
