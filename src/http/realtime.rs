@@ -60,7 +60,6 @@ async fn realtime(
 async fn serve(state: AppState, socket: WebSocket, max_message: usize) {
     let (sink, stream) = socket.split();
     let (connection, outbox) = state.realtime.open();
-    let writer = tokio::spawn(write(sink, outbox));
     let incoming = stream.map(move |frame| match frame {
         Ok(Message::Text(text)) if text.len() > max_message => Incoming::TooLarge(text.len()),
         Ok(Message::Text(text)) => Incoming::Text(text.to_string()),
@@ -71,8 +70,9 @@ async fn serve(state: AppState, socket: WebSocket, max_message: usize) {
         Err(err) if err.to_string().contains("too long") => Incoming::Oversized,
         Err(_) => Incoming::Closed,
     });
-    connection.run(Box::pin(incoming)).await;
-    let _ = writer.await;
+    // The writer runs in this same task: a change reaching the socket wakes one task, not
+    // two, and an idle connection holds one task.
+    tokio::join!(connection.run(Box::pin(incoming)), write(sink, outbox));
 }
 
 /// Writes queued frames until the connection closes; then the close frame.
