@@ -1,8 +1,9 @@
 //! `GET /v1/realtime`: upgrades to a WebSocket and moves frames between the socket and a
 //! [`crate::realtime::Connection`]. The protocol is docs/realtime.md; this file only knows
-//! WebSocket frames. The read buffer is small (4 KiB: ~21× less memory per idle connection
-//! than the default, measured in ../shared/notes/REALTIME.md), and the writer sends what is
-//! queued before flushing once.
+//! WebSocket frames. The read buffer is small (1 KiB: ~40× less memory per idle connection
+//! than the default 128 KiB, measured in ../shared/notes/REALTIME.md; client messages are
+//! small and rare), and the writer, in the connection's own task, sends what is queued before
+//! flushing once.
 
 use std::time::Duration;
 
@@ -51,7 +52,7 @@ async fn realtime(
     // Past four times the limit a message is not even read: the connection is closed (1009).
     let hard = soft.saturating_mul(4);
     upgrade
-        .read_buffer_size(4096)
+        .read_buffer_size(1024)
         .max_message_size(hard)
         .max_frame_size(hard)
         .on_upgrade(move |socket| serve(state, socket, soft))
