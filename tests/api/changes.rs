@@ -508,6 +508,30 @@ pub(crate) fn basalt_cmd(database_url: &str, data_dir: &std::path::Path) -> std:
     cmd
 }
 
+/// `basalt keys create NAME` against the database; the key it prints on its last line.
+pub(crate) fn create_service_key(
+    database_url: &str,
+    data_dir: &std::path::Path,
+    name: &str,
+) -> String {
+    let out = basalt_cmd(database_url, data_dir)
+        .args(["keys", "create", name])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
 async fn start_node(database_url: &str, data_dir: &std::path::Path) -> Node {
     start_node_with(database_url, data_dir, &[]).await
 }
@@ -560,22 +584,7 @@ async fn a_write_through_one_node_reaches_the_other_nodes_bus() {
         "{}",
         String::from_utf8_lossy(&migrate.stderr)
     );
-    let out = basalt_cmd(&url, dir.path())
-        .args(["keys", "create", "two-nodes"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let key = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .last()
-        .unwrap()
-        .trim()
-        .to_string();
+    let key = create_service_key(&url, dir.path(), "two-nodes");
     let (a, b) = tokio::join!(start_node(&url, dir.path()), start_node(&url, dir.path()));
     let client = reqwest::Client::new();
     let call = |node: &Node, method: Method, path: &str, body: Option<Value>| {

@@ -215,6 +215,26 @@ impl TestApp {
         Self::reply(req.send().await.expect("request sent")).await
     }
 
+    /// Sends `body` as it is, labelled JSON (for input `serde_json::Value` cannot hold:
+    /// malformed JSON, `-0.0`, nesting deeper than a `Value` should build).
+    pub async fn send_json_text(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: impl Into<reqwest::Body>,
+    ) -> Reply {
+        let mut req = self
+            .client
+            .request(method, self.url(path))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        Self::reply(req.send().await.expect("request sent")).await
+    }
+
     pub async fn reply(resp: reqwest::Response) -> Reply {
         let status = resp.status();
         let headers = resp.headers().clone();

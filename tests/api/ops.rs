@@ -97,14 +97,8 @@ async fn unknown_routes_and_methods_answer_in_the_envelope(backend: Backend) {
 
 async fn malformed_json_wrong_types_and_missing_fields_are_400(backend: Backend) {
     let app = spawn_app(backend).await;
-    let send_raw = |body: &'static str| {
-        let req = app
-            .client
-            .post(app.url("/v1/auth/signup"))
-            .header("content-type", "application/json")
-            .body(body);
-        async move { crate::helpers::TestApp::reply(req.send().await.unwrap()).await }
-    };
+    let send_raw =
+        |body: &'static str| app.send_json_text(Method::POST, "/v1/auth/signup", None, body);
     let r = send_raw("{\"email\": \"a@example.com\", ").await;
     r.assert_error(400, "invalid_argument");
     assert!(r.body["error"]["details"]["line"].is_number());

@@ -322,7 +322,7 @@ async fn a_query_window_follows_documents_entering_and_leaving(backend: Backend)
     )
     .await;
     assert_eq!(kinds(&ws.recv().await), [("modified".into(), "e".into())]);
-    // e leaves the game (no longer matches the where): c is the next one down? No: a (35) is.
+    // e leaves the game (no longer matches the where): a (35) is the next one down.
     write(
         &app,
         &admin,
@@ -1216,17 +1216,15 @@ async fn large_documents_negative_zero_and_time_rules(backend: Backend) {
             got.insert(id);
         }
     }
-    let body = r#"{"id": "negzero", "data": {"n": -0.0}}"#;
     let r = app
-        .client
-        .post(app.url("/v1/db/c"))
-        .bearer_auth(&admin)
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
+        .send_json_text(
+            Method::POST,
+            "/v1/db/c",
+            Some(&admin),
+            r#"{"id": "negzero", "data": {"n": -0.0}}"#,
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
     let mut seen = Vec::new();
     while seen.len() < 2 {
         let m = ws.recv().await;
@@ -1287,28 +1285,13 @@ async fn large_documents_negative_zero_and_time_rules(backend: Backend) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_broadcasts_and_presence_cross_nodes() {
-    use crate::changes::{basalt_cmd, start_node_with};
+    use crate::changes::{create_service_key, start_node_with};
     if !crate::helpers::postgres_available() {
         return;
     }
     let url = crate::helpers::fresh_postgres_database().await;
     let dir = tempfile::tempdir().unwrap();
-    let out = basalt_cmd(&url, dir.path())
-        .args(["keys", "create", "rt"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let key = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .last()
-        .unwrap()
-        .trim()
-        .to_string();
+    let key = create_service_key(&url, dir.path(), "rt");
     let env = [("BASALT_REALTIME__PRESENCE_TIMEOUT_SECS", "3")];
     let (a, b) = tokio::join!(
         start_node_with(&url, dir.path(), &env),

@@ -739,18 +739,14 @@ async fn hostile_schemas_are_refused_or_harmless(backend: Backend) {
         "{\"a\": ".repeat(100_000),
         "}".repeat(100_000)
     );
-    let raw = app
-        .client
-        .put(app.url("/v1/admin/collections/shaped"))
-        .bearer_auth(&admin)
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    TestApp::reply(raw)
-        .await
-        .assert_error(400, "invalid_argument");
+    app.send_json_text(
+        Method::PUT,
+        "/v1/admin/collections/shaped",
+        Some(&admin),
+        body,
+    )
+    .await
+    .assert_error(400, "invalid_argument");
     // A schema that refers to itself validates a document as deep as documents may be.
     put(json!({"type": "object", "properties": {"a": {"$ref": "#"}}}))
         .await
