@@ -257,7 +257,9 @@ impl DocumentService {
     ) -> ApiResult<CollectionView> {
         check_collection_name(name)?;
         let indexes = parse_indexes(&spec.indexes)?;
-        let now = Utc::now();
+        // Microseconds, as the databases store them: the definition answered (and cached)
+        // now is the one read back later.
+        let now = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
         let existing = self.store.collection(name).await?;
         let row = CollectionRow {
             name: name.to_string(),

@@ -969,11 +969,8 @@ impl Connection {
             let was = &sub.check.collection().row;
             match self.rt.documents.collection(&sub.collection).await {
                 Ok(coll)
-                    // (Microseconds: a definition just written carries nanoseconds, the
-                    // same one read back from the database microseconds.)
                     if coll.row.rules.get("read") == was.rules.get("read")
-                        && coll.row.created_at.timestamp_micros()
-                            == was.created_at.timestamp_micros() => {}
+                        && coll.row.created_at == was.created_at => {}
                 _ => changed.push(id.clone()),
             }
         }
