@@ -15,5 +15,6 @@ pub mod ids;
 pub mod query;
 pub mod realtime;
 pub mod rules;
+pub mod storage;
 pub mod store;
 pub mod telemetry;
