@@ -32,6 +32,8 @@ pub struct AppState {
     pub changes: Arc<crate::changes::ChangeBus>,
     /// Realtime subscriptions and channels (`GET /v1/realtime`).
     pub realtime: Arc<crate::realtime::Realtime>,
+    /// Buckets and objects (`/v1/storage`).
+    pub storage: Arc<crate::storage::StorageService>,
     pub metrics: &'static PrometheusHandle,
     /// The externally visible base URL (`public_url`, or `http://<bound address>`).
     pub public_url: Arc<str>,
@@ -79,9 +81,19 @@ impl App {
             config.realtime.clone(),
         )
         .await?;
+        let storage = Arc::new(
+            crate::storage::StorageService::new(
+                store.clone(),
+                crate::storage::open_backend(&config).await?,
+                documents.clone(),
+                config.storage.clone(),
+            )
+            .await?,
+        );
         let state = AppState {
             changes,
             realtime,
+            storage,
             audit: Arc::new(crate::audit::AuditLog::new(store.clone())),
             auth_limits: Arc::new(AuthRateLimits::new(&config.rate_limit)),
             documents,
@@ -185,13 +197,19 @@ impl App {
 }
 
 /// Periodic upkeep: reload signing keys (rotation by another node or the CLI), forget
-/// rate-limit state of quiet clients, prune the change log past its retention.
+/// rate-limit state of quiet clients, remove the bytes of replaced and deleted objects, prune
+/// the change log past its retention.
 async fn background_tasks(state: AppState) {
     let mut tick = tokio::time::interval(Duration::from_secs(30));
     let mut ticks: u64 = 0;
     loop {
         tick.tick().await;
         state.auth.tokens.reload_if_stale().await;
+        match state.storage.sweep().await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(blobs = n, "removed replaced and abandoned blobs"),
+            Err(err) => tracing::warn!(error = %err, "could not sweep the storage trash"),
+        }
         state.auth_limits.shrink();
         if ticks.is_multiple_of(20) {
             match state

@@ -73,6 +73,17 @@ pub struct DatabaseConfig {
 pub struct StorageConfig {
     pub backend: StorageBackend,
     pub s3: S3Config,
+    /// The largest object any bucket accepts, in bytes (a bucket's `max_object_size` may
+    /// only lower it).
+    pub max_object_size: u64,
+    /// How long an upload's body may take to arrive, in seconds (other requests have
+    /// `http.body_read_timeout_secs`). Use resumable uploads for slower links.
+    pub upload_timeout_secs: u64,
+    /// How long the bytes of a replaced or deleted object stay readable for downloads that
+    /// had already started, in seconds.
+    pub replaced_grace_secs: u64,
+    /// The longest `expires_in` a signed URL may have, in seconds.
+    pub max_signed_url_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -329,6 +340,10 @@ impl Default for StorageConfig {
         StorageConfig {
             backend: StorageBackend::Local,
             s3: S3Config::default(),
+            max_object_size: 5 * 1024 * 1024 * 1024,
+            upload_timeout_secs: 3600,
+            replaced_grace_secs: 60,
+            max_signed_url_secs: 7 * 24 * 3600,
         }
     }
 }

@@ -43,17 +43,18 @@ impl Judge<'_> {
         resource: Option<&DocumentRow>,
         data: Option<&Value>,
     ) -> Result<bool, Halt> {
-        self.allows_document(rule, method, resource.map(document_json), data)
+        self.allows_document(rule, method, resource.map(document_json), data, None)
     }
 
     /// [`Judge::allows`] with the stored document as the API shows it (a change-stream event
-    /// carries it so).
+    /// carries it so), and with `extra` fields of `request` when given (storage's).
     pub(super) fn allows_document(
         &self,
         rule: &Option<Rule>,
         method: &str,
         resource: Option<Value>,
         data: Option<&Value>,
+        extra: Option<&serde_json::Map<String, Value>>,
     ) -> Result<bool, Halt> {
         if matches!(self.principal, Principal::Privileged) {
             return Ok(true);
@@ -69,6 +70,7 @@ impl Judge<'_> {
                 method: method.into(),
                 time: self.now,
                 data: data.cloned(),
+                extra: extra.cloned().unwrap_or_default(),
             },
         };
         let spent = self.clock.expired();
@@ -146,19 +148,48 @@ impl DocumentService {
             principal,
             method,
             row.map(document_json),
+            None,
             cache,
             clock,
         )
         .await
     }
 
+    /// Whether `rule` lets `caller` do `method` on `resource` (a stored thing as the API shows
+    /// it) with `request` carrying `extra` fields besides `method` and `time`, reading what
+    /// `get()`/`exists()` ask for from the documents. The one rule path other domains use
+    /// (storage's bucket rules): admins and service keys always may, a missing rule denies.
+    pub async fn rule_allows(
+        &self,
+        rule: &Option<Rule>,
+        caller: &Caller,
+        method: &str,
+        resource: Option<Value>,
+        extra: &serde_json::Map<String, Value>,
+    ) -> bool {
+        let principal = Principal::from(caller);
+        let clock = RuleClock::new(crate::rules::budget::RULE_TIME_LIMIT);
+        self.may_read_document(
+            rule,
+            &principal,
+            method,
+            resource,
+            Some(extra),
+            &mut Fetched::new(),
+            &clock,
+        )
+        .await
+    }
+
     /// [`DocumentService::may_read`] with the document as the API shows it.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn may_read_document(
         &self,
         rule: &Option<Rule>,
         principal: &Principal,
         method: &str,
         doc: Option<Value>,
+        extra: Option<&serde_json::Map<String, Value>>,
         cache: &mut Fetched,
         clock: &RuleClock,
     ) -> bool {
@@ -171,7 +202,7 @@ impl DocumentService {
                 fetched: &fetched,
                 clock,
             };
-            match judge.allows_document(rule, method, doc.clone(), None) {
+            match judge.allows_document(rule, method, doc.clone(), None, extra) {
                 Ok(allowed) => return allowed,
                 Err(Halt::Api(_)) => return false,
                 Err(Halt::Needs(keys)) => {
@@ -287,6 +318,7 @@ impl DocumentService {
                     &check.principal,
                     "get",
                     Some(doc.clone()),
+                    None,
                     lookups,
                     &RuleClock::new(budget::RULE_TIME_LIMIT),
                 )

@@ -69,6 +69,11 @@ pub struct Collection {
 
 /// Validates a collection name: `[a-z0-9][a-z0-9_-]{0,62}`.
 pub fn check_collection_name(name: &str) -> ApiResult<()> {
+    check_name("collection", name)
+}
+
+/// Validates a collection or bucket name (`what`): `[a-z0-9][a-z0-9_-]{0,62}`.
+pub fn check_name(what: &str, name: &str) -> ApiResult<()> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name
@@ -80,8 +85,8 @@ pub fn check_collection_name(name: &str) -> ApiResult<()> {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
     if !ok {
         return Err(ApiError::invalid_with(
-            "collection names match [a-z0-9][a-z0-9_-]{0,62}",
-            json!({"field": "collection"}),
+            format!("{what} names match [a-z0-9][a-z0-9_-]{{0,62}}"),
+            json!({"field": what}),
         ));
     }
     Ok(())
@@ -104,7 +109,9 @@ pub fn check_document_id(id: &str) -> ApiResult<()> {
     Ok(())
 }
 
-fn compile_rule(kind: &str, source: &Option<String>) -> ApiResult<Option<Rule>> {
+/// Compiles the `kind` rule of a collection or bucket; a rule that does not compile is a 400
+/// with its line and column.
+pub(crate) fn compile_rule(kind: &str, source: &Option<String>) -> ApiResult<Option<Rule>> {
     match source {
         None => Ok(None),
         Some(src) => Rule::compile(src).map(Some).map_err(|e| {

@@ -95,6 +95,47 @@ impl CursorSeal {
         URL_SAFE_NO_PAD.encode(out)
     }
 
+    /// Seals arbitrary bytes under `scope` (other domains' cursors: storage listings).
+    pub fn seal_bytes(&self, scope: &str, plain: &[u8]) -> String {
+        let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
+        let sealed = self
+            .cipher
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: plain,
+                    aad: scope.as_bytes(),
+                },
+            )
+            .expect("XChaCha20-Poly1305 seals any message that fits in memory");
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&sealed);
+        URL_SAFE_NO_PAD.encode(out)
+    }
+
+    /// Opens what [`CursorSeal::seal_bytes`] sealed under the same `scope`; `None` for
+    /// anything else.
+    pub fn open_bytes(&self, raw: &str, scope: &str) -> Option<Vec<u8>> {
+        if raw.len() > 64 * 1024 {
+            return None;
+        }
+        let bytes = URL_SAFE_NO_PAD.decode(raw).ok()?;
+        if bytes.len() < NONCE_LEN {
+            return None;
+        }
+        let (nonce, sealed) = bytes.split_at(NONCE_LEN);
+        let nonce: [u8; NONCE_LEN] = nonce.try_into().ok()?;
+        self.cipher
+            .decrypt(
+                &XNonce::from(nonce),
+                Payload {
+                    msg: sealed,
+                    aad: scope.as_bytes(),
+                },
+            )
+            .ok()
+    }
+
     pub fn open(&self, raw: &str, scope: &str, order: &[Order]) -> Result<Resume, ApiError> {
         let bad = || {
             ApiError::invalid_with(

@@ -22,9 +22,10 @@ mod read;
 mod write;
 
 pub use access::ReadCheck;
+pub(crate) use collections::compile_rule;
 pub use collections::{
-    check_collection_name, check_document_id, Collection, CollectionSpec, CollectionView,
-    IndexDecl, RulesSpec,
+    check_collection_name, check_document_id, check_name, Collection, CollectionSpec,
+    CollectionView, IndexDecl, RulesSpec,
 };
 pub use write::{BatchWrite, MAX_BATCH_WRITES};
 

@@ -11,8 +11,10 @@ pub mod changes;
 pub mod documents;
 pub mod extract;
 pub mod ops;
+pub mod range;
 pub mod realtime;
 pub mod server;
+pub mod storage;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -51,6 +53,7 @@ pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id"
         (name = "documents", description = "The document database"),
         (name = "ops", description = "Health, readiness, metrics, keys"),
         (name = "realtime", description = "WebSocket subscriptions and channels (docs/realtime.md)"),
+        (name = "storage", description = "Buckets and objects (docs/storage.md)"),
     )
 )]
 pub struct ApiDoc;
@@ -81,16 +84,18 @@ pub fn api() -> OpenApiRouter<AppState> {
             "/v1/admin",
             admin::router()
                 .merge(documents::admin_router())
+                .merge(storage::admin_router())
                 .merge(changes::router()),
         )
         .nest("/v1/db", documents::router())
+        .nest("/v1/storage", storage::router())
         .merge(realtime::router())
 }
 
 /// The served router: all routes, `/v1/openapi.json`, and the middleware stack.
 pub fn router(state: AppState) -> Router {
     let (router, openapi) = api().split_for_parts();
-    let openapi = std::sync::Arc::new(openapi);
+    let openapi = std::sync::Arc::new(openapi_paths(openapi));
     let router = router.route(
         "/v1/openapi.json",
         axum::routing::get(move || {
@@ -103,6 +108,17 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { crate::error::ApiError::NotFound("no such route".into()) })
         .with_state(state);
     layers(router, &config)
+}
+
+/// The OpenAPI document as clients read it: a route's catch-all parameter (`{*path}`, an
+/// object path with its slashes) is written as a plain parameter (`{path}`).
+pub fn openapi_paths(mut openapi: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    let paths = std::mem::take(&mut openapi.paths.paths);
+    openapi.paths.paths = paths
+        .into_iter()
+        .map(|(path, item)| (path.replace("{*", "{"), item))
+        .collect();
+    openapi
 }
 
 /// The router of the dedicated metrics listener (`metrics.listen`): `/metrics` only.
@@ -119,6 +135,7 @@ pub fn metrics_router(state: AppState) -> Router {
 /// put routes the product does not have (a handler that panics) under the very same stack.
 pub fn layers(router: Router, config: &Config) -> Router {
     let body_deadline = Duration::from_secs(config.http.body_read_timeout_secs);
+    let upload_deadline = Duration::from_secs(config.storage.upload_timeout_secs);
     let max_uri_bytes = config.http.max_uri_bytes;
     router
         .layer(CatchPanicLayer::custom(panic_response))
@@ -126,7 +143,13 @@ pub fn layers(router: Router, config: &Config) -> Router {
         .layer(middleware::from_fn(normalize_errors))
         .layer(DefaultBodyLimit::max(config.http.body_limit))
         .layer(middleware::from_fn(move |req: Request, next: Next| {
-            request_body_deadline(body_deadline, req, next)
+            // Object uploads may be large: they get their own deadline.
+            let deadline = if req.uri().path().starts_with("/v1/storage/") {
+                upload_deadline
+            } else {
+                body_deadline
+            };
+            request_body_deadline(deadline, req, next)
         }))
         .layer(middleware::from_fn(move |req: Request, next: Next| {
             request_target_limit(max_uri_bytes, req, next)

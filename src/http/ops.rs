@@ -39,8 +39,13 @@ async fn ready(State(state): State<AppState>) -> ApiResult<axum::Json<Value>> {
         .ping()
         .await
         .map_err(|_| ApiError::Unavailable("the database is not reachable".into()))?;
+    let storage = state.storage.backend();
+    storage.ping().await.map_err(|err| {
+        tracing::warn!(error = %err, "the storage backend is not reachable");
+        ApiError::Unavailable("the storage backend is not reachable".into())
+    })?;
     Ok(axum::Json(
-        json!({"status": "ready", "database": state.store.dialect()}),
+        json!({"status": "ready", "database": state.store.dialect(), "storage": storage.kind()}),
     ))
 }
 

@@ -61,6 +61,7 @@ use cel::Value;
 use chrono::{DateTime, Utc};
 use serde_json::Value as Json;
 
+pub(crate) use limits::json_depth;
 pub use limits::{MAX_DEPTH, MAX_NESTING, MAX_RULE_BYTES, MAX_VALUE_DEPTH};
 pub use pushdown::Pushdown;
 
@@ -139,6 +140,8 @@ pub struct RequestInfo {
     pub method: String,
     pub time: DateTime<Utc>,
     pub data: Option<Json>,
+    /// More fields of `request` (storage rules see `size`, `content_type` and `path`).
+    pub extra: serde_json::Map<String, Json>,
 }
 
 /// Everything a rule can see about one request.
@@ -328,11 +331,16 @@ impl Rule {
     /// Whether the rule reads `request` (its time, for one): a filter made from it holds only
     /// at the moment it was made.
     pub fn reads_request(&self) -> bool {
-        fn walk(e: &IdedExpr) -> bool {
-            matches!(&e.expr, Expr::Ident(name) if name == "request")
-                || limits::children(e).into_iter().any(walk)
+        self.reads("request")
+    }
+
+    /// Whether the rule reads the variable `name` anywhere.
+    pub fn reads(&self, name: &str) -> bool {
+        fn walk(e: &IdedExpr, name: &str) -> bool {
+            matches!(&e.expr, Expr::Ident(n) if n == name)
+                || limits::children(e).into_iter().any(|c| walk(c, name))
         }
-        walk(&self.inner.expr)
+        walk(&self.inner.expr, name)
     }
 
     /// Whether a channel rule ([`Rule::compile_channel`]) lets `auth` use `channel`. Only the

@@ -46,6 +46,7 @@ pub(super) fn read_input(auth: Option<AuthInfo>, resource: Json) -> RuleInput {
             method: "GET".to_string(),
             time: now(),
             data: None,
+            extra: Default::default(),
         },
     }
 }
@@ -58,6 +59,7 @@ pub(super) fn create_input(auth: Option<AuthInfo>, data: Json) -> RuleInput {
             method: "POST".to_string(),
             time: now(),
             data: Some(data),
+            extra: Default::default(),
         },
     }
 }

@@ -157,6 +157,11 @@ pub(crate) fn request_to_cel(request: &RequestInfo) -> Value {
             .map(json_to_cel)
             .unwrap_or(Value::Null),
     );
+    for (name, value) in &request.extra {
+        fields
+            .entry(name.clone())
+            .or_insert_with(|| json_to_cel(value));
+    }
     map_value(fields)
 }
 

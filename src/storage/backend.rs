@@ -173,15 +173,30 @@ mod tests {
     #[test]
     fn blob_keys_cannot_escape() {
         assert!(is_valid_blob_key("objects/avatars/abc"));
-        for bad in ["", "/etc/passwd", "a/../b", "a//b", "a/./b", "a\\b", "a/b/", "ü"] {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "a/../b",
+            "a//b",
+            "a/./b",
+            "a\\b",
+            "a/b/",
+            "ü",
+        ] {
             assert!(!is_valid_blob_key(bad), "{bad:?}");
         }
     }
 
     #[tokio::test]
     async fn metered_stops_past_the_limit_and_hashes_what_fits() {
-        let chunks = vec![Ok(Bytes::from_static(b"hello ")), Ok(Bytes::from_static(b"world"))];
-        let (m, meter) = Metered::new(futures::stream::iter(chunks.clone()).boxed(), 11);
+        let chunks = || {
+            futures::stream::iter(vec![
+                Ok(Bytes::from_static(b"hello ")),
+                Ok(Bytes::from_static(b"world")),
+            ])
+            .boxed()
+        };
+        let (m, meter) = Metered::new(chunks(), 11);
         let all: Vec<_> = m.collect().await;
         assert!(all.iter().all(|c| c.is_ok()));
         let meter = meter.lock().unwrap().clone();
@@ -191,7 +206,7 @@ mod tests {
             format!("\"{}\"", &hex::encode(Sha256::digest(b"hello world"))[..32])
         );
 
-        let (m, meter) = Metered::new(futures::stream::iter(chunks).boxed(), 10);
+        let (m, meter) = Metered::new(chunks(), 10);
         let all: Vec<_> = m.collect().await;
         assert!(all.last().unwrap().is_err());
         assert!(meter.lock().unwrap().too_large);

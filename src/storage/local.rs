@@ -37,16 +37,14 @@ impl LocalStore {
 
     fn path(&self, key: &str) -> Result<PathBuf, BlobError> {
         if !is_valid_blob_key(key) {
-            return Err(BlobError::backend(anyhow::anyhow!("invalid blob key {key:?}")));
+            return Err(BlobError::backend(anyhow::anyhow!(
+                "invalid blob key {key:?}"
+            )));
         }
         Ok(self.root.join(key))
     }
 
-    async fn write_temp(
-        &self,
-        temp: &Path,
-        mut body: ByteStream,
-    ) -> Result<u64, BlobError> {
+    async fn write_temp(&self, temp: &Path, mut body: ByteStream) -> Result<u64, BlobError> {
         let mut file = tokio::fs::File::create(temp)
             .await
             .map_err(BlobError::backend)?;

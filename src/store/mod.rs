@@ -11,6 +11,7 @@ pub mod docsql;
 pub mod events;
 pub mod postgres;
 pub mod sqlite;
+pub mod storage;
 
 use std::sync::Arc;
 
@@ -662,7 +663,7 @@ pub trait DocumentStore: Send + Sync {
 }
 
 #[async_trait]
-pub trait Store: AuthStore + DocumentStore + EventStore {
+pub trait Store: AuthStore + DocumentStore + EventStore + storage::StorageStore {
     /// `sqlite` or `postgres`.
     fn dialect(&self) -> &'static str;
     /// A cheap round trip, for `/ready`.

@@ -14,3 +14,4 @@ mod security_auth;
 mod security_documents;
 mod security_http;
 mod security_rules;
+mod storage;

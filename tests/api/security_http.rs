@@ -33,10 +33,10 @@ store_tests!(
 
 /// An answer read off a raw socket.
 #[derive(Debug)]
-struct RawReply {
-    status: u16,
+pub(crate) struct RawReply {
+    pub(crate) status: u16,
     headers: Vec<(String, String)>,
-    body: Value,
+    pub(crate) body: Value,
 }
 
 impl RawReply {
@@ -121,7 +121,7 @@ async fn read_reply(stream: &mut TcpStream) -> RawReply {
 }
 
 /// Sends `request` on a fresh connection and reads the answer.
-async fn exchange(addr: SocketAddr, request: &[u8]) -> RawReply {
+pub(crate) async fn exchange(addr: SocketAddr, request: &[u8]) -> RawReply {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream.write_all(request).await.unwrap();
     read_reply(&mut stream).await

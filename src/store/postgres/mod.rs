@@ -4,6 +4,7 @@
 mod auth;
 mod documents;
 mod events;
+mod storage;
 
 use std::time::Duration;
 

@@ -16,6 +16,7 @@
 mod auth;
 mod documents;
 mod events;
+mod storage;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
@@ -45,6 +46,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0003_events",
         include_str!("../../../migrations/sqlite/0003_events.sql"),
+    ),
+    (
+        "0004_storage",
+        include_str!("../../../migrations/sqlite/0004_storage.sql"),
     ),
 ];
 

@@ -1,0 +1,36 @@
+-- File storage: buckets, object metadata (the bytes live in the storage backend under
+-- `blob`), and blobs waiting to be removed from the backend.
+
+CREATE TABLE buckets (
+    name                   TEXT PRIMARY KEY,
+    public                 BOOLEAN NOT NULL DEFAULT false,
+    max_object_size        BIGINT,
+    allowed_content_types  JSONB NOT NULL DEFAULT '[]',
+    rules                  JSONB NOT NULL DEFAULT '{}',
+    created_at             TIMESTAMPTZ NOT NULL,
+    updated_at             TIMESTAMPTZ NOT NULL
+);
+
+-- Paths compare bytewise (COLLATE "C"), which listing by prefix relies on.
+CREATE TABLE objects (
+    bucket        TEXT NOT NULL,
+    path          TEXT COLLATE "C" NOT NULL,
+    blob          TEXT NOT NULL,
+    size          BIGINT NOT NULL,
+    content_type  TEXT NOT NULL,
+    etag          TEXT NOT NULL,
+    metadata      JSONB NOT NULL DEFAULT '{}',
+    created_at    TIMESTAMPTZ NOT NULL,
+    updated_at    TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (bucket, path)
+);
+
+-- A blob is listed here from the moment an upload starts writing it until an object row
+-- points at it, and again once no row does (replaced or deleted): the sweeper removes it
+-- from the backend after `due_at`. So a crash between writing bytes and committing the row
+-- leaves nothing behind for good, and readers of a replaced version get a grace period.
+CREATE TABLE blob_trash (
+    blob    TEXT PRIMARY KEY,
+    due_at  TIMESTAMPTZ NOT NULL
+);
+CREATE INDEX blob_trash_due ON blob_trash (due_at);

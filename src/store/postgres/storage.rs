@@ -1,0 +1,301 @@
+//! Storage metadata on PostgreSQL, with the SQL shared in `store::storage`.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::PgRow;
+use sqlx::{Postgres, Row, Transaction};
+
+use super::{map_err, PgStore};
+use crate::store::storage::{self as sql, BucketRow, Expect, ObjectRow, ObjectWrite, StorageStore};
+use crate::store::{Actor, EventOp, StoreResult};
+
+fn bucket_from_row(r: &PgRow) -> Result<BucketRow, sqlx::Error> {
+    Ok(BucketRow {
+        name: r.try_get(0)?,
+        public: r.try_get(1)?,
+        max_object_size: r.try_get(2)?,
+        allowed_content_types: r.try_get(3)?,
+        rules: r.try_get(4)?,
+        created_at: r.try_get(5)?,
+        updated_at: r.try_get(6)?,
+    })
+}
+
+fn object_from_row(r: &PgRow) -> Result<ObjectRow, sqlx::Error> {
+    Ok(ObjectRow {
+        bucket: r.try_get(0)?,
+        path: r.try_get(1)?,
+        blob: r.try_get(2)?,
+        size: r.try_get(3)?,
+        content_type: r.try_get(4)?,
+        etag: r.try_get(5)?,
+        metadata: r.try_get(6)?,
+        created_at: r.try_get(7)?,
+        updated_at: r.try_get(8)?,
+    })
+}
+
+/// Locks the object (see [`sql::LOCK_OBJECT_PG`]) and reads what is stored.
+async fn locked_object(
+    tx: &mut Transaction<'static, Postgres>,
+    bucket: &str,
+    path: &str,
+) -> StoreResult<Option<ObjectRow>> {
+    sqlx::query(sql::LOCK_OBJECT_PG)
+        .bind(format!("{bucket}/{path}"))
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    let row = sqlx::query(&sql::select_object())
+        .bind(bucket)
+        .bind(path)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    row.as_ref()
+        .map(object_from_row)
+        .transpose()
+        .map_err(map_err)
+}
+
+async fn trash(
+    tx: &mut Transaction<'static, Postgres>,
+    blob: &str,
+    due: DateTime<Utc>,
+) -> StoreResult<()> {
+    sqlx::query(sql::TRASH_BLOB)
+        .bind(blob)
+        .bind(due)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    Ok(())
+}
+
+#[async_trait]
+impl StorageStore for PgStore {
+    async fn bucket(&self, name: &str) -> StoreResult<Option<BucketRow>> {
+        let row = sqlx::query(&sql::select_bucket())
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref()
+            .map(bucket_from_row)
+            .transpose()
+            .map_err(map_err)
+    }
+
+    async fn list_buckets(&self) -> StoreResult<Vec<BucketRow>> {
+        let rows = sqlx::query(&sql::list_buckets())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter()
+            .map(bucket_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(map_err)
+    }
+
+    async fn put_bucket(&self, row: &BucketRow) -> StoreResult<BucketRow> {
+        let stored = sqlx::query(&sql::upsert_bucket())
+            .bind(&row.name)
+            .bind(row.public)
+            .bind(row.max_object_size)
+            .bind(&row.allowed_content_types)
+            .bind(&row.rules)
+            .bind(row.created_at)
+            .bind(row.updated_at)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_err)?;
+        bucket_from_row(&stored).map_err(map_err)
+    }
+
+    async fn delete_bucket(
+        &self,
+        name: &str,
+        actor: &Actor,
+        grace: chrono::Duration,
+    ) -> StoreResult<bool> {
+        let mut unit = self.begin_unit().await?;
+        let deleted = sqlx::query(sql::DELETE_BUCKET)
+            .bind(name)
+            .execute(&mut *unit.tx)
+            .await
+            .map_err(map_err)?
+            .rows_affected();
+        if deleted == 0 {
+            return Ok(false);
+        }
+        let objects: Vec<ObjectRow> = sqlx::query(&sql::bucket_objects())
+            .bind(name)
+            .fetch_all(&mut *unit.tx)
+            .await
+            .map_err(map_err)?
+            .iter()
+            .map(object_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(map_err)?;
+        sqlx::query(sql::DELETE_BUCKET_OBJECTS)
+            .bind(name)
+            .execute(&mut *unit.tx)
+            .await
+            .map_err(map_err)?;
+        let due = unit.now + grace;
+        let mut events = Vec::with_capacity(objects.len());
+        for o in &objects {
+            trash(&mut unit.tx, &o.blob, due).await?;
+            events.push(sql::object_event(EventOp::Delete, o, Some(o), actor));
+        }
+        unit.append(events).await?;
+        unit.commit().await?;
+        Ok(true)
+    }
+
+    async fn object(&self, bucket: &str, path: &str) -> StoreResult<Option<ObjectRow>> {
+        let row = sqlx::query(&sql::select_object())
+            .bind(bucket)
+            .bind(path)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref()
+            .map(object_from_row)
+            .transpose()
+            .map_err(map_err)
+    }
+
+    async fn list_objects(
+        &self,
+        bucket: &str,
+        lower: &str,
+        after: &str,
+        upper: Option<&str>,
+        limit: u32,
+    ) -> StoreResult<Vec<ObjectRow>> {
+        let rows = sqlx::query(&sql::list_objects())
+            .bind(bucket)
+            .bind(lower)
+            .bind(after)
+            .bind(upper)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter()
+            .map(object_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(map_err)
+    }
+
+    async fn trash_blob(&self, blob: &str, due: DateTime<Utc>) -> StoreResult<()> {
+        sqlx::query(sql::TRASH_BLOB)
+            .bind(blob)
+            .bind(due)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn commit_object(
+        &self,
+        row: ObjectRow,
+        expect: Expect,
+        grace: chrono::Duration,
+        actor: &Actor,
+    ) -> StoreResult<ObjectWrite> {
+        let mut unit = self.begin_unit().await?;
+        let previous = locked_object(&mut unit.tx, &row.bucket, &row.path).await?;
+        if !expect.holds(previous.as_ref()) {
+            return Ok(ObjectWrite::Changed);
+        }
+        let (row, op) = sql::committed_row(row, previous.as_ref(), unit.now);
+        sqlx::query(&sql::upsert_object())
+            .bind(&row.bucket)
+            .bind(&row.path)
+            .bind(&row.blob)
+            .bind(row.size)
+            .bind(&row.content_type)
+            .bind(&row.etag)
+            .bind(&row.metadata)
+            .bind(row.created_at)
+            .bind(row.updated_at)
+            .execute(&mut *unit.tx)
+            .await
+            .map_err(map_err)?;
+        sqlx::query(sql::UNTRASH_BLOB)
+            .bind(&row.blob)
+            .execute(&mut *unit.tx)
+            .await
+            .map_err(map_err)?;
+        if let Some(p) = &previous {
+            let due = unit.now + grace;
+            trash(&mut unit.tx, &p.blob, due).await?;
+        }
+        let event = sql::object_event(op, &row, previous.as_ref(), actor);
+        let position = unit.append(vec![event]).await?[0].position;
+        unit.commit().await?;
+        Ok(ObjectWrite::Done {
+            row,
+            previous,
+            position,
+        })
+    }
+
+    async fn delete_object(
+        &self,
+        bucket: &str,
+        path: &str,
+        expect: Expect,
+        grace: chrono::Duration,
+        actor: &Actor,
+    ) -> StoreResult<ObjectWrite> {
+        let mut unit = self.begin_unit().await?;
+        let Some(previous) = locked_object(&mut unit.tx, bucket, path).await? else {
+            return Ok(ObjectWrite::Missing);
+        };
+        if !expect.holds(Some(&previous)) {
+            return Ok(ObjectWrite::Changed);
+        }
+        sqlx::query(sql::DELETE_OBJECT)
+            .bind(bucket)
+            .bind(path)
+            .execute(&mut *unit.tx)
+            .await
+            .map_err(map_err)?;
+        let due = unit.now + grace;
+        trash(&mut unit.tx, &previous.blob, due).await?;
+        let event = sql::object_event(EventOp::Delete, &previous, Some(&previous), actor);
+        let position = unit.append(vec![event]).await?[0].position;
+        unit.commit().await?;
+        Ok(ObjectWrite::Done {
+            row: previous.clone(),
+            previous: Some(previous),
+            position,
+        })
+    }
+
+    async fn due_blobs(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<Vec<String>> {
+        let rows = sqlx::query(sql::DUE_BLOBS)
+            .bind(now)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>(0))
+            .collect::<Result<_, _>>()
+            .map_err(map_err)
+    }
+
+    async fn forget_blobs(&self, blobs: &[String]) -> StoreResult<()> {
+        sqlx::query("DELETE FROM blob_trash WHERE blob = ANY($1)")
+            .bind(blobs)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+}
