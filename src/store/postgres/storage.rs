@@ -238,8 +238,8 @@ impl StorageStore for PgStore {
         let position = unit.append(vec![event]).await?[0].position;
         unit.commit().await?;
         Ok(ObjectWrite::Done {
-            row,
-            previous,
+            row: Box::new(row),
+            previous: previous.map(Box::new),
             position,
         })
     }
@@ -271,8 +271,8 @@ impl StorageStore for PgStore {
         let position = unit.append(vec![event]).await?[0].position;
         unit.commit().await?;
         Ok(ObjectWrite::Done {
-            row: previous.clone(),
-            previous: Some(previous),
+            row: Box::new(previous.clone()),
+            previous: Some(Box::new(previous)),
             position,
         })
     }
