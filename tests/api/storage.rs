@@ -1285,3 +1285,87 @@ async fn replaced_bytes_are_swept_after_their_grace(backend: Backend) {
     assert_eq!(app.state.storage.sweep().await.unwrap(), 0);
     app.stop().await;
 }
+
+/// Peak resident memory of a process, from /proc (kB).
+pub(crate) fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Uploads and downloads `size` bytes through a `basalt serve` process (`env` picks the
+/// backend), checking the bytes by their SHA-256 and answering the server's peak RSS in MiB.
+pub(crate) async fn big_round_trip(env: &[(&str, &str)], size: u64) -> u64 {
+    use futures::StreamExt;
+    use sha2::Digest;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("basalt.db").display());
+    let migrate = crate::changes::basalt_cmd(&url, dir.path())
+        .envs(env.iter().copied())
+        .arg("migrate")
+        .output()
+        .unwrap();
+    assert!(
+        migrate.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrate.stderr)
+    );
+    let key = crate::changes::create_service_key(&url, dir.path(), "big");
+    let node = crate::changes::start_node_with(&url, dir.path(), env).await;
+    let client = reqwest::Client::new();
+    let made = client
+        .put(format!("{}/v1/admin/buckets/big", node.base))
+        .bearer_auth(&key)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(made.status(), 200);
+    // 1 MiB chunks of a pattern that changes per chunk, made as they are sent.
+    let chunk = 1024 * 1024u64;
+    let chunks = size / chunk;
+    let make = move |i: u64| bytes::Bytes::from(vec![(i % 251) as u8; chunk as usize]);
+    let mut expected = sha2::Sha256::new();
+    for i in 0..chunks {
+        expected.update(make(i));
+    }
+    let expected = hex::encode(expected.finalize());
+    let body = futures::stream::iter(0..chunks).map(move |i| Ok::<_, std::io::Error>(make(i)));
+    let put = client
+        .put(format!("{}/v1/storage/big/blob.bin", node.base))
+        .bearer_auth(&key)
+        .header("content-type", "application/octet-stream")
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 201, "{}", put.text().await.unwrap());
+    let got = client
+        .get(format!("{}/v1/storage/big/blob.bin", node.base))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 200);
+    let mut stream = got.bytes_stream();
+    let mut hash = sha2::Sha256::new();
+    let mut total = 0u64;
+    while let Some(part) = stream.next().await {
+        let part = part.unwrap();
+        total += part.len() as u64;
+        hash.update(&part);
+    }
+    assert_eq!(total, size);
+    assert_eq!(hex::encode(hash.finalize()), expected);
+    peak_rss_kib(node.child.id()) / 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_512_mib_object_streams_through_a_server_under_150_mib() {
+    let peak = big_round_trip(&[], 512 * 1024 * 1024).await;
+    eprintln!("server peak RSS after a 512 MiB upload and download: {peak} MiB");
+    assert!(peak < 150, "server peak RSS {peak} MiB");
+}
