@@ -21,6 +21,28 @@ impl From<ApiError> for Halt {
 /// Most documents one request keeps for the `get()`/`exists()` of its per-row rule checks.
 const MAX_CACHED_LOOKUPS: usize = 1000;
 
+/// One request's rule checks through [`DocumentService::rule_allows`]: its rule time (see
+/// `rules::budget`) and the documents `get()`/`exists()` fetched so far.
+pub struct RuleSession {
+    lookups: Fetched,
+    clock: RuleClock,
+}
+
+impl RuleSession {
+    pub fn new() -> RuleSession {
+        RuleSession {
+            lookups: Fetched::new(),
+            clock: RuleClock::new(budget::RULE_TIME_LIMIT),
+        }
+    }
+}
+
+impl Default for RuleSession {
+    fn default() -> Self {
+        RuleSession::new()
+    }
+}
+
 /// Rule checks for one caller at one time, with the documents fetched for them so far.
 /// Admins and service keys always may; a missing rule denies; a rule that cannot be decided
 /// (too many lookups) denies and is logged.
@@ -159,6 +181,8 @@ impl DocumentService {
     /// it) with `request` carrying `extra` fields besides `method` and `time`, reading what
     /// `get()`/`exists()` ask for from the documents. The one rule path other domains use
     /// (storage's bucket rules): admins and service keys always may, a missing rule denies.
+    /// `session` carries the request's rule time and the documents fetched so far, so a
+    /// request that asks many times (a listing) shares one budget and one lookup cache.
     pub async fn rule_allows(
         &self,
         rule: &Option<Rule>,
@@ -166,17 +190,17 @@ impl DocumentService {
         method: &str,
         resource: Option<Value>,
         extra: &serde_json::Map<String, Value>,
+        session: &mut RuleSession,
     ) -> bool {
         let principal = Principal::from(caller);
-        let clock = RuleClock::new(crate::rules::budget::RULE_TIME_LIMIT);
         self.may_read_document(
             rule,
             &principal,
             method,
             resource,
             Some(extra),
-            &mut Fetched::new(),
-            &clock,
+            &mut session.lookups,
+            &session.clock,
         )
         .await
     }

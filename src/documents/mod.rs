@@ -21,7 +21,7 @@ pub mod patch;
 mod read;
 mod write;
 
-pub use access::ReadCheck;
+pub use access::{ReadCheck, RuleSession};
 pub(crate) use collections::compile_rule;
 pub use collections::{
     check_collection_name, check_document_id, check_name, Collection, CollectionSpec,

@@ -25,7 +25,9 @@ use crate::app::AppState;
 use crate::error::{envelope, ApiError, ApiResult};
 use crate::http::extract::{AdminCaller, Caller, Json};
 use crate::http::range::{self, RangePlan};
-use crate::storage::{Access, BucketSpec, BucketView, ByteStream, Listing, ObjectView, Upload};
+use crate::storage::{
+    Access, BucketSpec, BucketView, ByteStream, Listing, ObjectView, Upload, MAX_METADATA_BYTES,
+};
 use crate::store::storage::ObjectRow;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -253,6 +255,31 @@ async fn upload_form(
     Path(bucket): Path<String>,
     mut form: Multipart,
 ) -> ApiResult<(StatusCode, axum::Json<ObjectView>)> {
+    let result = read_form(&state, caller, bucket, &mut form).await;
+    if result.is_err() {
+        // Read on a little, as `linger` does, so the client sees the answer.
+        let drain = async {
+            let mut seen = 0;
+            while let Ok(Some(mut field)) = form.next_field().await {
+                while let Ok(Some(c)) = field.chunk().await {
+                    seen += c.len();
+                    if seen > LINGER_BYTES {
+                        return;
+                    }
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+    }
+    result
+}
+
+async fn read_form(
+    state: &AppState,
+    caller: Caller,
+    bucket: String,
+    form: &mut Multipart,
+) -> ApiResult<(StatusCode, axum::Json<ObjectView>)> {
     let access = Access::Caller(caller);
     let mut path: Option<String> = None;
     let mut metadata = Value::Null;
@@ -266,19 +293,9 @@ async fn upload_form(
             return Err(bad("the form has no `file` field"));
         };
         match field.name() {
-            Some("path") => {
-                path = Some(
-                    field
-                        .text()
-                        .await
-                        .map_err(|_| ApiError::invalid("the `path` field could not be read"))?,
-                )
-            }
+            Some("path") => path = Some(small_field(field, "path", 4096).await?),
             Some("metadata") => {
-                let text = field
-                    .text()
-                    .await
-                    .map_err(|_| ApiError::invalid("the `metadata` field could not be read"))?;
+                let text = small_field(field, "metadata", MAX_METADATA_BYTES).await?;
                 metadata = serde_json::from_str(&text).map_err(|_| {
                     ApiError::invalid_with(
                         "metadata must be a JSON object",
@@ -310,18 +327,7 @@ async fn upload_form(
                             break;
                         }
                         if tx.send(chunk).await.is_err() {
-                            // The upload stopped early (refused): read on a little, as
-                            // `linger` does, so the client sees the answer.
-                            let drain = async {
-                                let mut seen = 0;
-                                while let Ok(Some(c)) = field.chunk().await {
-                                    seen += c.len();
-                                    if seen > LINGER_BYTES {
-                                        break;
-                                    }
-                                }
-                            };
-                            let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+                            // The upload stopped early (refused); the caller reads on.
                             break;
                         }
                     }
@@ -344,6 +350,35 @@ async fn upload_form(
             }
         }
     }
+}
+
+/// A form field other than the file, read whole but refused past `max` bytes (a field is
+/// otherwise unbounded: the body limit does not apply to upload routes).
+async fn small_field(
+    mut field: axum::extract::multipart::Field<'_>,
+    name: &str,
+    max: usize,
+) -> ApiResult<String> {
+    let mut buf = Vec::new();
+    while let Some(chunk) = field
+        .chunk()
+        .await
+        .map_err(|_| ApiError::invalid(format!("the `{name}` field could not be read")))?
+    {
+        if buf.len() + chunk.len() > max {
+            return Err(ApiError::invalid_with(
+                format!("the `{name}` field is longer than {max} bytes"),
+                json!({"field": name}),
+            ));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    String::from_utf8(buf).map_err(|_| {
+        ApiError::invalid_with(
+            format!("the `{name}` field is not UTF-8"),
+            json!({"field": name}),
+        )
+    })
 }
 
 fn tokio_stream_from(

@@ -31,7 +31,7 @@ use serde_json::{json, Map, Value};
 use crate::auth::Caller;
 use crate::config::{Config, StorageBackend, StorageConfig};
 use crate::documents::cursor::CursorSeal;
-use crate::documents::{check_name, compile_rule, DocumentService};
+use crate::documents::{check_name, compile_rule, DocumentService, RuleSession};
 use crate::error::{ApiError, ApiResult};
 use crate::rules::Rule;
 use crate::store::storage::{object_json, BucketRow, Expect, ObjectRow, ObjectWrite};
@@ -372,6 +372,7 @@ impl StorageService {
         current: Option<&ObjectRow>,
         size: Option<u64>,
         content_type: Option<&str>,
+        session: &mut RuleSession,
     ) -> bool {
         let caller = match access {
             Access::Signed => return true,
@@ -382,7 +383,14 @@ impl StorageService {
         extra.insert("size".into(), json!(size));
         extra.insert("content_type".into(), json!(content_type));
         self.documents
-            .rule_allows(rule, caller, method, current.map(object_json), &extra)
+            .rule_allows(
+                rule,
+                caller,
+                method,
+                current.map(object_json),
+                &extra,
+                session,
+            )
             .await
     }
 
@@ -392,6 +400,7 @@ impl StorageService {
         bucket: &Bucket,
         object: Option<&ObjectRow>,
         path: &str,
+        session: &mut RuleSession,
     ) -> bool {
         bucket.row.public
             || self
@@ -403,6 +412,7 @@ impl StorageService {
                     object,
                     object.map(|o| o.size.max(0) as u64),
                     object.map(|o| o.content_type.as_str()),
+                    session,
                 )
                 .await
     }
@@ -415,7 +425,16 @@ impl StorageService {
         let bucket = self.bucket(bucket).await?;
         paths::check_path(path)?;
         let object = self.store.object(&bucket.row.name, path).await?;
-        if !self.may_read(access, &bucket, object.as_ref(), path).await {
+        if !self
+            .may_read(
+                access,
+                &bucket,
+                object.as_ref(),
+                path,
+                &mut RuleSession::new(),
+            )
+            .await
+        {
             return Err(ApiError::PermissionDenied(
                 "the bucket's read rule denies this".into(),
             ));
@@ -447,6 +466,7 @@ impl StorageService {
         let metadata = check_metadata(upload.metadata)?;
         let name = bucket.row.name.clone();
         let mut current = self.store.object(&name, &upload.path).await?;
+        let mut session = RuleSession::new();
         // Decide what can be decided before reading the body: the rule with the announced
         // size (a chunked body is decided once its size is known), then the bucket's limits.
         if let Some(size) = upload.declared_size {
@@ -459,6 +479,7 @@ impl StorageService {
                     current.as_ref(),
                     Some(size),
                     Some(&content_type),
+                    &mut session,
                 )
                 .await
             {
@@ -517,6 +538,7 @@ impl StorageService {
                     current.as_ref(),
                     Some(meter.size),
                     Some(&content_type),
+                    &mut session,
                 )
                 .await
             {
@@ -572,6 +594,7 @@ impl StorageService {
             Access::Caller(c) => c.actor(),
             Access::Signed => crate::store::Actor::system("signed-url"),
         };
+        let mut session = RuleSession::new();
         for _ in 0..WRITE_ATTEMPTS {
             let current = self.store.object(&bucket.row.name, path).await?;
             if !self
@@ -583,6 +606,7 @@ impl StorageService {
                     current.as_ref(),
                     None,
                     None,
+                    &mut session,
                 )
                 .await
             {
@@ -660,6 +684,7 @@ impl StorageService {
         let mut objects = Vec::new();
         let mut prefixes: Vec<String> = Vec::new();
         let mut examined = 0usize;
+        let mut session = RuleSession::new();
         let batch = (limit as usize + 1).min(500) as u32;
         loop {
             let rows = self
@@ -687,7 +712,10 @@ impl StorageService {
                             .map(|i| row.path[..prefix.len() + i + 1].to_string())
                     })
                     .flatten();
-                if !self.may_read(&access, &bucket, Some(&row), &row.path).await {
+                if !self
+                    .may_read(&access, &bucket, Some(&row), &row.path, &mut session)
+                    .await
+                {
                     if examined >= LIST_SCAN_BUDGET {
                         break;
                     }
@@ -792,6 +820,7 @@ impl StorageService {
                         current.as_ref(),
                         None,
                         None,
+                        &mut RuleSession::new(),
                     )
                     .await
                 {

@@ -1184,6 +1184,21 @@ async fn multipart_form_uploads(backend: Backend) {
     )
     .await
     .assert_error(400, "invalid_argument");
+    // Fields other than the file are small, however much a client sends.
+    let form = reqwest::multipart::Form::new()
+        .text("path", "p".repeat(1024 * 1024))
+        .part("file", reqwest::multipart::Part::bytes(vec![0u8; 1]));
+    TestApp::reply(
+        app.client
+            .post(app.url("/v1/storage/files"))
+            .bearer_auth(&admin)
+            .multipart(form)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+    .assert_error(400, "invalid_argument");
     let form = reqwest::multipart::Form::new().text("what", "x");
     TestApp::reply(
         app.client
