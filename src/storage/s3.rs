@@ -1052,7 +1052,8 @@ mod tests {
             "team-a/basalt/objects/a/b"
         );
 
-        let cases: Vec<(fn(&mut S3Config), &str)> = vec![
+        type Break = fn(&mut S3Config);
+        let cases: Vec<(Break, &str)> = vec![
             (|c| c.bucket = None, "storage.s3.bucket"),
             (|c| c.bucket = Some("ab".into()), "storage.s3.bucket"),
             (|c| c.access_key_id = None, "storage.s3.access_key_id"),
