@@ -102,6 +102,8 @@ pub struct S3Config {
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<Secret<String>>,
     pub force_path_style: bool,
+    /// A key prefix for every blob (`team-a/basalt`), so deployments can share a bucket.
+    pub prefix: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -598,10 +600,8 @@ impl Config {
                 "`metrics.token`: must be at least 16 characters".into(),
             ));
         }
-        if self.storage.backend == StorageBackend::S3 && self.storage.s3.bucket.is_none() {
-            return Err(ConfigError(
-                "`storage.s3.bucket`: required when storage.backend is s3".into(),
-            ));
+        if self.storage.backend == StorageBackend::S3 {
+            crate::storage::s3::check_settings(&self.storage.s3).map_err(ConfigError)?;
         }
         if let Some(url) = &self.public_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {

@@ -18,6 +18,7 @@
 pub mod backend;
 pub mod local;
 pub mod paths;
+pub mod s3;
 pub mod signing;
 
 use std::collections::HashMap;
@@ -45,7 +46,7 @@ pub async fn open_backend(config: &Config) -> anyhow::Result<Arc<dyn ObjectStore
         StorageBackend::Local => Ok(Arc::new(
             local::LocalStore::open(&config.data_dir.join("storage")).await?,
         )),
-        StorageBackend::S3 => anyhow::bail!("storage.backend = \"s3\" is not built yet"),
+        StorageBackend::S3 => Ok(Arc::new(s3::open(&config.storage.s3).await?)),
     }
 }
 

@@ -10,6 +10,7 @@ mod documents;
 mod ops;
 mod realtime;
 mod rules;
+mod s3_support;
 mod security_auth;
 mod security_documents;
 mod security_http;
