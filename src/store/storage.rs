@@ -226,9 +226,10 @@ pub(crate) const DUE_BLOBS: &str =
     "SELECT blob FROM blob_trash WHERE due_at <= $1 ORDER BY due_at LIMIT $2";
 
 /// `substr` rather than `LIKE` (whose `_` is a wildcard, and which SQLite compares without
-/// case) or a range (which PostgreSQL compares in the database's collation).
-pub(crate) const HASTEN_BLOBS: &str = "UPDATE blob_trash SET due_at = $2
-     WHERE substr(blob, 1, length($1)) = $1 AND due_at > $2";
+/// case) or a range (which PostgreSQL compares in the database's collation). Bound as
+/// (due, prefix).
+pub(crate) const HASTEN_BLOBS: &str = "UPDATE blob_trash SET due_at = $1
+     WHERE due_at > $1 AND substr(blob, 1, length($2)) = $2";
 
 /// The event of an object write: `create`/`update` with the object after, or `delete`.
 pub(crate) fn object_event(

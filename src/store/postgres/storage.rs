@@ -301,8 +301,8 @@ impl StorageStore for PgStore {
 
     async fn hasten_blobs(&self, prefix: &str, due: DateTime<Utc>) -> StoreResult<u64> {
         let done = sqlx::query(sql::HASTEN_BLOBS)
-            .bind(prefix)
             .bind(due)
+            .bind(prefix)
             .execute(&self.pool)
             .await
             .map_err(map_err)?;

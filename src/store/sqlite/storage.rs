@@ -291,7 +291,7 @@ impl StorageStore for SqliteStore {
             let n = unit
                 .tx
                 .prepare_cached(sql::HASTEN_BLOBS)
-                .and_then(|mut s| s.execute(params![prefix, ts(&due)]))
+                .and_then(|mut s| s.execute(params![ts(&due), prefix]))
                 .map_err(map_err)?;
             Ok(n as u64)
         })
