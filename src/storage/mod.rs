@@ -508,7 +508,9 @@ impl StorageService {
                 }
             }
         }
-        Ok(Box::pin(futures::stream::once(std::future::ready(Ok(output)))))
+        Ok(Box::pin(futures::stream::once(std::future::ready(Ok(
+            output,
+        )))))
     }
 
     async fn cached_transform(&self, key: &str) -> Option<ByteStream> {

@@ -294,7 +294,10 @@ pub fn render(
     };
     // The header alone first: a small file that claims a huge image (a decompression bomb)
     // is refused here, before the decoder allocates anything for its pixels.
-    let (w, h) = reader()?
+    // (Without the decoder's own limits here, so the answer names the size it claims.)
+    let mut header = reader()?;
+    header.no_limits();
+    let (w, h) = header
         .into_dimensions()
         .map_err(|e| decode_error(e, limits.max_pixels))?;
     if u64::from(w) * u64::from(h) > limits.max_pixels {
