@@ -84,6 +84,27 @@ pub struct StorageConfig {
     pub replaced_grace_secs: u64,
     /// The longest `expires_in` a signed URL may have, in seconds.
     pub max_signed_url_secs: u64,
+    /// Image transforms on download (`?width=&height=&fit=&format=`).
+    pub transform: TransformConfig,
+}
+
+/// Bounds on image transforms: what they read, decode and make, and how many run at once,
+/// so that one request (or many) cannot take the server's memory or CPU.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TransformConfig {
+    /// The largest original a transform reads, in bytes; larger → 413.
+    pub max_input_bytes: u64,
+    /// The most pixels (width × height, from the image's header) a transform decodes;
+    /// more → 413 before anything is allocated.
+    pub max_pixels: u64,
+    /// The largest `width` or `height` a transform may ask for; larger → 400.
+    pub max_dimension: u32,
+    /// Transforms decoded and encoded at once (0: the number of CPUs); others wait.
+    pub concurrency: usize,
+    /// How long a cached transform is kept before it is made again on its next request,
+    /// in seconds. (The cache of an object's old version goes with its bytes.)
+    pub cache_ttl_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -346,6 +367,19 @@ impl Default for StorageConfig {
             upload_timeout_secs: 3600,
             replaced_grace_secs: 60,
             max_signed_url_secs: 7 * 24 * 3600,
+            transform: TransformConfig::default(),
+        }
+    }
+}
+
+impl Default for TransformConfig {
+    fn default() -> Self {
+        TransformConfig {
+            max_input_bytes: 20 * 1024 * 1024,
+            max_pixels: 40_000_000,
+            max_dimension: 4096,
+            concurrency: 0,
+            cache_ttl_secs: 30 * 24 * 3600,
         }
     }
 }
@@ -602,6 +636,18 @@ impl Config {
         }
         if self.storage.backend == StorageBackend::S3 {
             crate::storage::s3::check_settings(&self.storage.s3).map_err(ConfigError)?;
+        }
+        let tr = &self.storage.transform;
+        if tr.max_input_bytes == 0 || tr.max_pixels == 0 || tr.cache_ttl_secs == 0 {
+            return Err(ConfigError(
+                "`storage.transform`: max_input_bytes, max_pixels and cache_ttl_secs must be positive"
+                    .into(),
+            ));
+        }
+        if !(1..=16384).contains(&tr.max_dimension) {
+            return Err(ConfigError(
+                "`storage.transform.max_dimension`: must be between 1 and 16384".into(),
+            ));
         }
         if let Some(url) = &self.public_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {

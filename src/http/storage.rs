@@ -25,6 +25,7 @@ use crate::app::AppState;
 use crate::error::{envelope, ApiError, ApiResult};
 use crate::http::extract::{AdminCaller, Caller, Json};
 use crate::http::range::{self, RangePlan};
+use crate::storage::transform::{Transform, TransformQuery};
 use crate::storage::{
     Access, BucketSpec, BucketView, ByteStream, Listing, ObjectView, Upload, MAX_METADATA_BYTES,
 };
@@ -119,6 +120,15 @@ pub struct ObjectQuery {
     expires: Option<i64>,
     /// A signed URL's signature.
     signature: Option<String>,
+    /// Image transform (GET): the largest width in pixels.
+    width: Option<String>,
+    /// Image transform (GET): the largest height in pixels.
+    height: Option<String>,
+    /// Image transform (GET), with both width and height: `contain` (default, the whole
+    /// image inside the box) or `cover` (the box filled, centre-cropped).
+    fit: Option<String>,
+    /// Image transform (GET): `png`, `jpeg` or `webp` (default: the original's, else png).
+    format: Option<String>,
 }
 
 /// The access an object request has: a valid signed URL for this method, or the caller.
@@ -389,11 +399,12 @@ fn tokio_stream_from(
 
 /// Download an object (`HEAD`: its headers only). `Range` → 206 (several ranges:
 /// `multipart/byteranges`; none inside the object: 416); `If-None-Match` with its ETag →
-/// 304; `?download=name` → `Content-Disposition: attachment`.
+/// 304; `?download=name` → `Content-Disposition: attachment`. `?width=&height=&fit=&format=`
+/// answers a resized or converted image (PNG, JPEG, WebP originals; 415 for others).
 #[utoipa::path(get, path = "/{bucket}/{*path}", tag = "storage",
     params(("bucket" = String, Path), ("path" = String, Path), ObjectQuery),
     responses((status = 200, content_type = "application/octet-stream"), (status = 206), (status = 304),
-        (status = 403), (status = 404), (status = 416)))]
+        (status = 400), (status = 403), (status = 404), (status = 413), (status = 415), (status = 416)))]
 async fn get_object(
     State(state): State<AppState>,
     caller: Caller,
@@ -413,6 +424,15 @@ async fn get_object(
             name
         };
         common.insert(CONTENT_DISPOSITION, attachment(name));
+    }
+    let transform = TransformQuery {
+        width: q.width.as_deref(),
+        height: q.height.as_deref(),
+        fit: q.fit.as_deref(),
+        format: q.format.as_deref(),
+    };
+    if let Some(t) = Transform::parse(&transform, state.config.storage.transform.max_dimension)? {
+        return transformed_object(&state, &object, &t, common, &headers, method).await;
     }
     if let Some(inm) = headers.get(IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
         if etag_matches(inm, &object.etag) {
@@ -517,6 +537,36 @@ async fn get_object(
                 .into_response())
         }
     }
+}
+
+/// A transformed image (`?width=&height=&fit=&format=`): its own ETag (`If-None-Match` →
+/// 304 before any work), no ranges (a `Range` is ignored: 200), and for `HEAD` the headers
+/// without making the image.
+async fn transformed_object(
+    state: &AppState,
+    object: &ObjectRow,
+    transform: &Transform,
+    mut common: HeaderMap,
+    headers: &HeaderMap,
+    method: Method,
+) -> ApiResult<Response> {
+    let etag = transform.etag(object);
+    common.insert(ETAG, header_value(&etag));
+    common.insert(ACCEPT_RANGES, HeaderValue::from_static("none"));
+    if let Some(inm) = headers.get(IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
+        if etag_matches(inm, &etag) {
+            return Ok((StatusCode::NOT_MODIFIED, common).into_response());
+        }
+    }
+    common.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(transform.output_format(object).content_type()),
+    );
+    if method == Method::HEAD {
+        return Ok((StatusCode::OK, common).into_response());
+    }
+    let body = state.storage.transformed(object, transform).await?;
+    Ok((StatusCode::OK, common, Body::from_stream(body)).into_response())
 }
 
 /// Delete an object. The bucket's `delete` rule decides (403 whether or not it exists).

@@ -20,6 +20,7 @@ pub mod local;
 pub mod paths;
 pub mod s3;
 pub mod signing;
+pub mod transform;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -55,6 +56,8 @@ pub async fn open_backend(config: &Config) -> anyhow::Result<Arc<dyn ObjectStore
 const BUCKET_CACHE_TTL: Duration = Duration::from_secs(2);
 /// How long an upload may take before its unfinished blob counts as abandoned.
 const ABANDONED_UPLOAD: chrono::TimeDelta = chrono::TimeDelta::days(1);
+/// How long an image transform waits for its turn before answering 503.
+const TRANSFORM_QUEUE_WAIT: Duration = Duration::from_secs(30);
 /// How often a write re-decides when the object changed under it before giving up.
 const WRITE_ATTEMPTS: usize = 20;
 /// The most objects a listing examines per request (rows the read rule hides count too).
@@ -215,6 +218,8 @@ pub struct StorageService {
     cache: Mutex<HashMap<String, (Instant, Arc<Bucket>)>>,
     signer: UrlSigner,
     cursors: CursorSeal,
+    /// Image transforms decoding or encoding at once (`storage.transform.concurrency`).
+    transforms: tokio::sync::Semaphore,
 }
 
 impl StorageService {
@@ -234,10 +239,14 @@ impl StorageService {
             store,
             blobs,
             documents,
-            config,
             cache: Mutex::new(HashMap::new()),
             signer: UrlSigner::new(signing.as_bytes()),
             cursors: CursorSeal::new(cursor.as_bytes())?,
+            transforms: tokio::sync::Semaphore::new(match config.transform.concurrency {
+                0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                n => n,
+            }),
+            config,
         })
     }
 
@@ -457,6 +466,82 @@ impl StorageService {
                 BlobError::NotFound => ApiError::NotFound("no such object".into()),
                 other => blob_error(other),
             })
+    }
+
+    /// The bytes of `transform` applied to `object` (whose read the caller has been allowed):
+    /// the cached result, or made now and cached ([`transform`] has the bounds and the cache).
+    pub async fn transformed(
+        &self,
+        object: &ObjectRow,
+        transform: &transform::Transform,
+    ) -> ApiResult<ByteStream> {
+        let key = transform.cache_key(object);
+        if let Some(cached) = self.cached_transform(&key).await {
+            return Ok(cached);
+        }
+        let limits = &self.config.transform;
+        if object.size.max(0) as u64 > limits.max_input_bytes {
+            return Err(ApiError::PayloadTooLarge(format!(
+                "transforms read originals of at most {} bytes (storage.transform.max_input_bytes)",
+                limits.max_input_bytes
+            )));
+        }
+        let _permit = tokio::time::timeout(TRANSFORM_QUEUE_WAIT, self.transforms.acquire())
+            .await
+            .map_err(|_| ApiError::Unavailable("too many image transforms at once; retry".into()))?
+            .map_err(ApiError::internal)?;
+        // Made by another request while this one waited?
+        if let Some(cached) = self.cached_transform(&key).await {
+            return Ok(cached);
+        }
+        let mut input = Vec::with_capacity(object.size.max(0) as usize);
+        let mut body = self.read(object, None).await?;
+        while let Some(chunk) = futures::StreamExt::next(&mut body).await {
+            let chunk = chunk.map_err(|e| blob_error(BlobError::backend(e)))?;
+            if (input.len() + chunk.len()) as u64 > limits.max_input_bytes {
+                return Err(ApiError::PayloadTooLarge(format!(
+                    "transforms read originals of at most {} bytes",
+                    limits.max_input_bytes
+                )));
+            }
+            input.extend_from_slice(&chunk);
+        }
+        let format = transform.output_format(object);
+        let (job, job_limits) = (transform.clone(), limits.clone());
+        let output = tokio::task::spawn_blocking(move || {
+            transform::render(&input, &job, format, &job_limits)
+        })
+        .await
+        .map_err(ApiError::internal)??;
+        let output = bytes::Bytes::from(output);
+        // Listed in the trash before it is written, so it is removed in time (and with its
+        // original) even if this node stops right after.
+        // (Capped at a century, so the date cannot overflow.)
+        let ttl = limits.cache_ttl_secs.min(100 * 365 * 24 * 3600) as i64;
+        let due = Utc::now() + chrono::TimeDelta::seconds(ttl);
+        match self.store.trash_blob(&key, due).await {
+            Err(err) => tracing::warn!(%key, error = %err, "could not list an image transform"),
+            Ok(()) => {
+                let once = futures::stream::once(std::future::ready(Ok(output.clone())));
+                if let Err(err) = self.blobs.put(&key, Box::pin(once)).await {
+                    tracing::warn!(%key, error = %err, "could not cache an image transform");
+                }
+            }
+        }
+        Ok(Box::pin(futures::stream::once(std::future::ready(Ok(
+            output,
+        )))))
+    }
+
+    async fn cached_transform(&self, key: &str) -> Option<ByteStream> {
+        match self.blobs.get(key, None).await {
+            Ok(stream) => Some(stream),
+            Err(BlobError::NotFound) => None,
+            Err(err) => {
+                tracing::warn!(%key, error = %err, "could not read a cached image transform");
+                None
+            }
+        }
     }
 
     /// Streams an upload into a new blob and commits it (see the module comment).
@@ -886,10 +971,19 @@ impl StorageService {
                     }
                 }
             }
+            // An object's blob takes its cached transforms with it: they are made due now
+            // and removed by this same loop.
+            let mut hastened = 0;
+            for blob in gone.iter().filter(|b| transform::has_transforms(b)) {
+                hastened += self
+                    .store
+                    .hasten_blobs(&transform::cache_prefix(blob), Utc::now())
+                    .await?;
+            }
             let done = gone.len();
             self.store.forget_blobs(&gone).await?;
             removed += done;
-            if done < 200 {
+            if done < 200 && hastened == 0 {
                 return Ok(removed);
             }
         }

@@ -154,6 +154,9 @@ pub trait StorageStore: Send + Sync {
     async fn due_blobs(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<Vec<String>>;
     /// Forgets trash entries whose blobs were removed from the backend.
     async fn forget_blobs(&self, blobs: &[String]) -> StoreResult<()>;
+    /// Makes the trash entries whose blob keys start with `prefix` due at `due` (when due
+    /// later): the cached transforms of a blob being removed go with it. Answers how many.
+    async fn hasten_blobs(&self, prefix: &str, due: DateTime<Utc>) -> StoreResult<u64>;
 }
 
 pub(crate) const BUCKET_COLUMNS: &str =
@@ -221,6 +224,12 @@ pub(crate) const TRASH_BLOB: &str = "INSERT INTO blob_trash (blob, due_at) VALUE
 pub(crate) const UNTRASH_BLOB: &str = "DELETE FROM blob_trash WHERE blob = $1";
 pub(crate) const DUE_BLOBS: &str =
     "SELECT blob FROM blob_trash WHERE due_at <= $1 ORDER BY due_at LIMIT $2";
+
+/// `substr` rather than `LIKE` (whose `_` is a wildcard, and which SQLite compares without
+/// case) or a range (which PostgreSQL compares in the database's collation). Bound as
+/// (due, prefix).
+pub(crate) const HASTEN_BLOBS: &str = "UPDATE blob_trash SET due_at = $1
+     WHERE due_at > $1 AND substr(blob, 1, length($2)) = $2";
 
 /// The event of an object write: `create`/`update` with the object after, or `delete`.
 pub(crate) fn object_event(

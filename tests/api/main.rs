@@ -16,3 +16,4 @@ mod security_documents;
 mod security_http;
 mod security_rules;
 mod storage;
+mod storage_transform;

@@ -298,4 +298,14 @@ impl StorageStore for PgStore {
             .map_err(map_err)?;
         Ok(())
     }
+
+    async fn hasten_blobs(&self, prefix: &str, due: DateTime<Utc>) -> StoreResult<u64> {
+        let done = sqlx::query(sql::HASTEN_BLOBS)
+            .bind(due)
+            .bind(prefix)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(done.rows_affected())
+    }
 }

@@ -284,4 +284,17 @@ impl StorageStore for SqliteStore {
         })
         .await
     }
+
+    async fn hasten_blobs(&self, prefix: &str, due: DateTime<Utc>) -> StoreResult<u64> {
+        let prefix = prefix.to_string();
+        self.write_unit(move |unit| {
+            let n = unit
+                .tx
+                .prepare_cached(sql::HASTEN_BLOBS)
+                .and_then(|mut s| s.execute(params![ts(&due), prefix]))
+                .map_err(map_err)?;
+            Ok(n as u64)
+        })
+        .await
+    }
 }
