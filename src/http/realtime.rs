@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, StreamExt};
@@ -97,13 +97,22 @@ async fn write(
             let send = async {
                 for frame in frames {
                     sink.feed(match frame {
-                        Frame::Text(text) => Message::Text(text.as_ref().into()),
+                        // Made from a `String`: always UTF-8, so this checks without copying.
+                        Frame::Text(text) => match Utf8Bytes::try_from(text.into_bytes()) {
+                            Ok(text) => Message::Text(text),
+                            Err(_) => continue,
+                        },
                         Frame::Ping => Message::Ping(Default::default()),
                     })
                     .await?;
                 }
                 sink.flush().await
             };
+            // Most batches go out at once: the timer is only armed for one that waits.
+            let mut send = std::pin::pin!(send);
+            if let std::task::Poll::Ready(sent) = futures::poll!(send.as_mut()) {
+                return sent.is_ok();
+            }
             matches!(tokio::time::timeout(WRITE_TIMEOUT, send).await, Ok(Ok(())))
         };
         tokio::select! {

@@ -535,7 +535,7 @@ fn deliver(outboxes: &[Outbox], frame: &str) {
     if outboxes.is_empty() {
         return;
     }
-    let frame: Arc<str> = Arc::from(frame);
+    let frame = super::Text::from(frame.to_string());
     for outbox in outboxes {
         outbox.send(frame.clone());
     }

@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
@@ -54,8 +54,10 @@ pub enum Incoming {
 
 /// Most changes in one `changes` message of a replay.
 const REPLAY_BATCH: usize = 100;
-/// Most routed changes handled in one go (then the socket is looked at again).
+/// Most routed changes handled in one go.
 const DELIVERY_BATCH: usize = 256;
+/// Batches of routed changes handled in a row before the socket is read (without waiting).
+const FAIR_SOCKET_EVERY: u32 = 4;
 /// How long a subscription waits for the hub to reach the log's end before giving up.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(10);
 /// Close code for a connection that stopped answering.
@@ -89,7 +91,8 @@ pub struct Connection {
     greeted: bool,
     inbox: Arc<Inbox>,
     inbox_rx: mpsc::Receiver<Arc<Delivery>>,
-    subs: HashMap<String, Sub>,
+    /// Boxed: a map allocates room for several entries at once, and a `Sub` is large.
+    subs: HashMap<String, Box<Sub>>,
     /// Joined channels, with the presence given.
     channels: BTreeMap<String, Value>,
     last_heard: Instant,
@@ -137,8 +140,14 @@ impl Connection {
             tokio::time::Instant::now() + Duration::from_secs(self.rt.config.hello_timeout_secs);
         let mut closing = self.closing.clone();
         let mut stopping = self.rt.stopping.subscribe();
+        // Routed changes in a row handled without looking at the socket (see below).
+        let mut busy = 0;
         loop {
             let expires = self.expires;
+            // The inbox is looked at before the socket: a change then wakes the task, is
+            // handled, and the socket's read path is not polled for nothing. So that a steady
+            // stream of changes cannot keep the client unheard (its pongs, its requests), the
+            // socket is read without waiting after every few batches.
             tokio::select! {
                 biased;
                 _ = super::close_requested(&mut closing) => break,
@@ -146,13 +155,6 @@ impl Connection {
                     self.outbox.close(1001, "the server is shutting down");
                     break;
                 }
-                message = incoming.next() => match message {
-                    None | Some(Incoming::Closed) => break,
-                    Some(message) => {
-                        self.last_heard = Instant::now();
-                        self.on_incoming(message).await;
-                    }
-                },
                 Some(first) = self.inbox_rx.recv() => {
                     let mut batch = vec![first];
                     while batch.len() < DELIVERY_BATCH {
@@ -161,21 +163,52 @@ impl Connection {
                             Err(_) => break,
                         }
                     }
-                    self.deliver(&batch).await;
+                    // Boxed, as are the other rare or long paths below: the task of an idle
+                    // connection then holds only the loop's own state, not the largest of
+                    // them.
+                    Box::pin(self.deliver(&batch)).await;
+                    busy += 1;
+                    if busy >= FAIR_SOCKET_EVERY {
+                        busy = 0;
+                        if let Some(message) = incoming.next().now_or_never() {
+                            if !self.heard(message).await {
+                                break;
+                            }
+                        }
+                    }
                 }
-                _ = heartbeat.tick() => self.heartbeat().await,
-                _ = tokio::time::sleep_until(expires.unwrap_or_else(tokio::time::Instant::now)), if expires.is_some() => {
+                message = incoming.next() => {
+                    busy = 0;
+                    if !self.heard(message).await {
+                        break;
+                    }
+                }
+                _ = heartbeat.tick() => Box::pin(self.heartbeat()).await,
+                // In async blocks: a timer is only made when it is armed.
+                _ = async { tokio::time::sleep_until(expires.unwrap_or_else(tokio::time::Instant::now)).await }, if expires.is_some() => {
                     self.expire();
                 }
-                _ = tokio::time::sleep_until(hello_by), if !self.greeted => {
+                _ = async { tokio::time::sleep_until(hello_by).await }, if !self.greeted => {
                     self.outbox.close(1008, "no valid message in time");
                 }
             }
             if self.inbox.overflowed.swap(false, Ordering::AcqRel) {
-                self.recover().await;
+                Box::pin(self.recover()).await;
             }
         }
         self.finish();
+    }
+
+    /// Handles what the socket brought; `false` when the client is gone.
+    async fn heard(&mut self, message: Option<Incoming>) -> bool {
+        match message {
+            None | Some(Incoming::Closed) => false,
+            Some(message) => {
+                self.last_heard = Instant::now();
+                Box::pin(self.on_incoming(message)).await;
+                true
+            }
+        }
     }
 
     fn send(&self, text: String) {
@@ -497,14 +530,14 @@ impl Connection {
             .rt
             .hub
             .register(&self.inbox, &request.collection, &route);
-        let mut sub = Sub {
+        let mut sub = Box::new(Sub {
             collection: request.collection,
             query,
             route,
             check,
             window: Window::new(Arc::from(Vec::new()), 0, Vec::new(), true),
             pos: registered,
-        };
+        });
         match self.start(&request.id, &mut sub, resume).await {
             Ok(messages) => {
                 for m in messages {

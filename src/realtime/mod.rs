@@ -36,8 +36,35 @@ pub use connection::{Connection, Incoming};
 /// A frame for the socket.
 #[derive(Debug, Clone)]
 pub enum Frame {
-    Text(Arc<str>),
+    Text(Text),
     Ping,
+}
+
+/// A text frame's bytes: UTF-8, since it is only ever made from a `String` (moved, not
+/// copied) and cheap to clone for every member of a channel. Boxed so that a queue slot is
+/// one pointer: every connection's outbox allocates a block of slots up front.
+#[derive(Debug, Clone)]
+pub struct Text(Box<bytes::Bytes>);
+
+impl Text {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The bytes, valid UTF-8.
+    pub fn into_bytes(self) -> bytes::Bytes {
+        *self.0
+    }
+}
+
+impl From<String> for Text {
+    fn from(text: String) -> Text {
+        Text(Box::new(bytes::Bytes::from(text)))
+    }
 }
 
 /// Why and how the server closes a socket.
@@ -112,7 +139,7 @@ impl Outbox {
 
     /// Queues a text frame; `false` when the client is gone or too slow (then it is closed):
     /// more than `realtime.send_queue` messages or `realtime.send_queue_bytes` bytes waiting.
-    pub(crate) fn send(&self, text: impl Into<Arc<str>>) -> bool {
+    pub(crate) fn send(&self, text: impl Into<Text>) -> bool {
         if self.is_closed() {
             return false;
         }

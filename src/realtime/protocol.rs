@@ -273,8 +273,43 @@ pub(crate) fn snapshot(id: &str, documents_json: &str, cursor: &str, reset: bool
     )
 }
 
+/// Appends `s` as a JSON string (what `quoted` makes, without its allocations).
+fn push_quoted(out: &mut String, s: &str) {
+    out.push('"');
+    let mut start = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let escape = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&s[start..i]);
+        if escape.is_empty() {
+            out.push_str(&format!("\\u{b:04x}"));
+        } else {
+            out.push_str(escape);
+        }
+        start = i + 1;
+    }
+    out.push_str(&s[start..]);
+    out.push('"');
+}
+
+/// A `changes` message, built in one allocation of the right size: one is made per
+/// subscriber per change, the hottest path of realtime.
 pub(crate) fn changes(id: &str, changes: &[Change], cursor: &str) -> String {
-    let mut out = format!(r#"{{"type":"changes","id":{},"changes":["#, quoted(id));
+    let size =
+        64 + id.len() + cursor.len() + changes.iter().map(|c| c.json().len() + 32).sum::<usize>();
+    let mut out = String::with_capacity(size);
+    out.push_str(r#"{"type":"changes","id":"#);
+    push_quoted(&mut out, id);
+    out.push_str(r#","changes":["#);
     for (i, c) in changes.iter().enumerate() {
         if i > 0 {
             out.push(',');
@@ -286,7 +321,7 @@ pub(crate) fn changes(id: &str, changes: &[Change], cursor: &str) -> String {
         out.push('}');
     }
     out.push_str(r#"],"cursor":"#);
-    out.push_str(&quoted(cursor));
+    push_quoted(&mut out, cursor);
     out.push('}');
     out
 }
@@ -368,5 +403,23 @@ mod tests {
         let err =
             ClientMessage::parse(r#"{"type":"subscribe","id":"s1","collection":"c"}"#).unwrap_err();
         assert_eq!(err.id.as_deref(), Some("s1"));
+    }
+
+    #[test]
+    fn ids_are_quoted_as_json_strings() {
+        for id in [
+            "s1",
+            "a\"b\\c",
+            "tab\there",
+            "\u{1}x\u{1f}\u{8}\u{c}",
+            "é✓ \u{7f}",
+        ] {
+            let mut out = String::new();
+            push_quoted(&mut out, id);
+            assert_eq!(out, quoted(id));
+            let msg: Value = serde_json::from_str(&changes(id, &[], id)).unwrap();
+            assert_eq!(msg["id"], id);
+            assert_eq!(msg["cursor"], id);
+        }
     }
 }

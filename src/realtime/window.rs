@@ -17,17 +17,30 @@ use std::cmp::Ordering;
 use std::sync::Arc;
 
 use serde_json::Value;
+use smallvec::SmallVec;
 
 use crate::query::{compare_values, Direction, Field, Order};
 use crate::store::EventOp;
 
+/// The sort values of a document. Inline for the usual one field: comparing keys, done a
+/// few times per change for every subscriber, then reads no other allocation.
+type SortValues = SmallVec<[Option<Value>; 1]>;
+
 /// A document as shown: its sort values, id, version and JSON (serialised once, shared).
 #[derive(Debug, Clone)]
 pub(crate) struct Entry {
-    values: Vec<Option<Value>>,
+    values: SortValues,
     id: String,
     version: i64,
     pub(crate) json: Arc<str>,
+}
+
+/// A quick hash of a document id (FNV-1a), so that finding a document in a window compares
+/// integers rather than strings.
+fn id_hash(id: &str) -> u64 {
+    id.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// One difference in what a subscription shows.
@@ -64,6 +77,10 @@ pub(crate) struct Visible<'a> {
 #[derive(Debug, Clone)]
 pub(crate) struct Window {
     order: Arc<[Order]>,
+    /// The directions of the order's fields other than `$id`, and whether `$id` (the final
+    /// tie-break) descends: what comparing two keys needs, worked out once.
+    directions: Arc<[Direction]>,
+    id_desc: bool,
     limit: usize,
     /// Most documents kept (those past `limit` wait to move up); past it the last ones are
     /// forgotten and the boundary moves up to the new last one.
@@ -72,7 +89,10 @@ pub(crate) struct Window {
     entries: Vec<Entry>,
     /// The sort key of the last row the query read when there may be more; `None`: the
     /// query read every matching row.
-    boundary: Option<(Vec<Option<Value>>, String)>,
+    boundary: Option<(SortValues, String)>,
+    /// [`id_hash`] of each entry's id, in the same order: finding a document scans these
+    /// few contiguous integers (one or two cache lines) rather than every entry.
+    hashes: Vec<u64>,
 }
 
 impl Window {
@@ -83,12 +103,24 @@ impl Window {
         rows: Vec<(Value, Arc<str>)>,
         complete: bool,
     ) -> Window {
+        let directions: Arc<[Direction]> = order
+            .iter()
+            .filter(|o| o.field != Field::Id)
+            .map(|o| o.direction)
+            .collect();
+        let id_desc = order
+            .iter()
+            .find(|o| o.field == Field::Id)
+            .is_some_and(|o| o.direction == Direction::Desc);
         let mut window = Window {
             order,
+            directions,
+            id_desc,
             limit,
             capacity: rows.len().max(limit) + limit.clamp(1, 50),
             entries: Vec::with_capacity(rows.len()),
             boundary: None,
+            hashes: Vec::new(),
         };
         for (doc, json) in &rows {
             let entry = window.entry(doc, json.clone());
@@ -96,6 +128,7 @@ impl Window {
         }
         let mut entries = std::mem::take(&mut window.entries);
         entries.sort_by(|a, b| window.compare(a, b));
+        window.hashes = entries.iter().map(|e| id_hash(&e.id)).collect();
         window.entries = entries;
         if !complete {
             window.boundary = window
@@ -107,6 +140,11 @@ impl Window {
     }
 
     fn entry(&self, doc: &Value, json: Arc<str>) -> Entry {
+        let id = doc
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
         Entry {
             values: self
                 .order
@@ -114,20 +152,15 @@ impl Window {
                 .filter(|o| o.field != Field::Id)
                 .map(|o| o.field.get(doc).map(|v| v.into_owned()))
                 .collect(),
-            id: doc
-                .get("id")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string(),
+            id,
             version: doc.get("version").and_then(Value::as_i64).unwrap_or(0),
             json,
         }
     }
 
     fn compare_keys(&self, a: (&[Option<Value>], &str), b: (&[Option<Value>], &str)) -> Ordering {
-        let mut fields = self.order.iter().filter(|o| o.field != Field::Id);
-        for (x, y) in a.0.iter().zip(b.0.iter()) {
-            let dir = fields.next().map_or(Direction::Asc, |o| o.direction);
+        for (i, (x, y)) in a.0.iter().zip(b.0.iter()).enumerate() {
+            let dir = self.directions.get(i).copied().unwrap_or(Direction::Asc);
             let ord = compare_values(x.as_ref(), y.as_ref());
             let ord = if dir == Direction::Desc {
                 ord.reverse()
@@ -138,13 +171,8 @@ impl Window {
                 return ord;
             }
         }
-        let id_desc = self
-            .order
-            .iter()
-            .find(|o| o.field == Field::Id)
-            .is_some_and(|o| o.direction == Direction::Desc);
         let ord = a.1.cmp(b.1);
-        if id_desc {
+        if self.id_desc {
             ord.reverse()
         } else {
             ord
@@ -174,7 +202,15 @@ impl Window {
     }
 
     fn position(&self, id: &str) -> Option<usize> {
-        self.entries.iter().position(|e| e.id == id)
+        let hash = id_hash(id);
+        let mut from = 0;
+        while let Some(i) = self.hashes[from..].iter().position(|h| *h == hash) {
+            if self.entries[from + i].id == id {
+                return Some(from + i);
+            }
+            from += i + 1;
+        }
+        None
     }
 
     /// Sets document `id` to `state` (its new visible state, or `None`: gone or not visible)
@@ -185,7 +221,10 @@ impl Window {
         id: &str,
         state: Option<Visible<'_>>,
     ) -> (Option<(usize, Entry)>, Option<usize>) {
-        let old = self.position(id).map(|i| (i, self.entries.remove(i)));
+        let old = self.position(id).map(|i| {
+            self.hashes.remove(i);
+            (i, self.entries.remove(i))
+        });
         let mut now = None;
         if let Some(state) = state {
             let entry = self.entry(state.doc, state.json);
@@ -193,15 +232,21 @@ impl Window {
                 let at = self
                     .entries
                     .partition_point(|e| self.compare(e, &entry).is_lt());
+                self.hashes.insert(at, id_hash(&entry.id));
                 self.entries.insert(at, entry);
                 now = Some(at);
                 if self.entries.len() > self.capacity {
-                    self.entries.truncate(self.capacity);
+                    // Down to below the capacity, so that a stream of inserts (new documents
+                    // at the top of a feed) moves the boundary once every few changes rather
+                    // than at each.
+                    let keep = self.capacity - (self.capacity - self.limit) / 2;
+                    self.entries.truncate(keep);
+                    self.hashes.truncate(keep);
                     self.boundary = self
                         .entries
                         .last()
                         .map(|e| (e.values.clone(), e.id.clone()));
-                    if at >= self.capacity {
+                    if at >= keep {
                         now = None;
                     }
                 }
@@ -400,6 +445,8 @@ mod tests {
             );
         }
         assert!(w.entries.len() <= w.capacity);
+        let hashes: Vec<u64> = w.entries.iter().map(|e| id_hash(&e.id)).collect();
+        assert_eq!(w.hashes, hashes);
         assert!(w.boundary.is_some());
         assert_eq!(ids(&w), ["n19", "n18"]);
         // What fell past the boundary is unknown now: a change there says nothing.
