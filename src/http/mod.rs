@@ -15,6 +15,7 @@ pub mod range;
 pub mod realtime;
 pub mod server;
 pub mod storage;
+pub mod tus;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -88,7 +89,7 @@ pub fn api() -> OpenApiRouter<AppState> {
                 .merge(changes::router()),
         )
         .nest("/v1/db", documents::router())
-        .nest("/v1/storage", storage::router())
+        .nest("/v1/storage", storage::router().merge(tus::router()))
         .merge(realtime::router())
 }
 
@@ -390,8 +391,26 @@ fn cors(config: &Config) -> CorsLayer {
             header::IF_NONE_MATCH,
             header::RANGE,
             REQUEST_ID_HEADER,
+            // tus (resumable uploads)
+            tus::TUS_RESUMABLE,
+            tus::UPLOAD_LENGTH,
+            tus::UPLOAD_OFFSET,
+            tus::UPLOAD_METADATA,
         ])
-        .expose_headers([REQUEST_ID_HEADER, header::ETAG, header::RETRY_AFTER])
+        .expose_headers([
+            REQUEST_ID_HEADER,
+            header::ETAG,
+            header::RETRY_AFTER,
+            // tus: a browser client reads where its upload lives and how far it got.
+            header::LOCATION,
+            tus::TUS_RESUMABLE,
+            tus::TUS_VERSION_HEADER,
+            tus::TUS_EXTENSION,
+            tus::TUS_MAX_SIZE,
+            tus::UPLOAD_OFFSET,
+            tus::UPLOAD_LENGTH,
+            tus::UPLOAD_EXPIRES,
+        ])
         .max_age(Duration::from_secs(3600));
     if origins.iter().any(|o| o == "*") {
         layer.allow_origin(Any)
