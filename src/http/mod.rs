@@ -138,7 +138,7 @@ pub fn layers(router: Router, config: &Config) -> Router {
     let body_deadline = Duration::from_secs(config.http.body_read_timeout_secs);
     let upload_deadline = Duration::from_secs(config.storage.upload_timeout_secs);
     let max_uri_bytes = config.http.max_uri_bytes;
-    router
+    let router = router
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(middleware::from_fn(telemetry_metrics))
         .layer(middleware::from_fn(normalize_errors))
@@ -154,8 +154,25 @@ pub fn layers(router: Router, config: &Config) -> Router {
         }))
         .layer(middleware::from_fn(move |req: Request, next: Next| {
             request_target_limit(max_uri_bytes, req, next)
+        }));
+    // tower-http's CORS layer answers every OPTIONS request as a preflight; an OPTIONS
+    // without `Access-Control-Request-Method` is not one (tus discovery is such a request)
+    // and goes to the routes.
+    let with_cors = router.clone().layer(cors(config));
+    let routes = router;
+    Router::new()
+        .fallback_service(tower::service_fn(move |req: Request| {
+            let cors_applies = req.method() != Method::OPTIONS
+                || req
+                    .headers()
+                    .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+            let service = if cors_applies {
+                with_cors.clone()
+            } else {
+                routes.clone()
+            };
+            tower::ServiceExt::oneshot(service, req)
         }))
-        .layer(cors(config))
         .layer(
             TraceLayer::new_for_http().make_span_with(|req: &Request| {
                 let id = req

@@ -589,7 +589,10 @@ pub(super) fn body_stream(body: Body) -> ByteStream {
         .boxed()
 }
 
-pub(super) fn header_str(headers: &HeaderMap, name: axum::http::HeaderName) -> ApiResult<Option<String>> {
+pub(super) fn header_str(
+    headers: &HeaderMap,
+    name: axum::http::HeaderName,
+) -> ApiResult<Option<String>> {
     headers
         .get(&name)
         .map(|v| {

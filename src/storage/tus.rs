@@ -329,9 +329,7 @@ impl StorageService {
                 })
                 .try_flatten()
                 .boxed();
-            let (blob, meter) = self
-                .store_blob(&target.bucket, body, Some(length))
-                .await?;
+            let (blob, meter) = self.store_blob(&target.bucket, body, Some(length)).await?;
             self.commit(access, target, blob, meter).await
         }
         .await;

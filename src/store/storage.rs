@@ -189,8 +189,7 @@ pub trait StorageStore: Send + Sync {
     /// Records `part` and moves the upload's offset to its end, if the offset is still
     /// `part.start` and the upload has not expired at `now` (compare-and-set: of two PATCHes
     /// at one offset, one wins). `false`: nothing was recorded.
-    async fn append_upload_part(&self, part: &UploadPart, now: DateTime<Utc>)
-        -> StoreResult<bool>;
+    async fn append_upload_part(&self, part: &UploadPart, now: DateTime<Utc>) -> StoreResult<bool>;
     /// Deletes the upload and its part rows, putting the parts' blobs in the trash due at
     /// `due`; answers those blobs, or `None` when there was no such upload.
     async fn delete_upload(&self, id: &str, due: DateTime<Utc>)

@@ -15,3 +15,4 @@ mod security_documents;
 mod security_http;
 mod security_rules;
 mod storage;
+mod storage_tus;

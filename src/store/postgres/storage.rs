@@ -367,11 +367,7 @@ impl StorageStore for PgStore {
             .map_err(map_err)
     }
 
-    async fn append_upload_part(
-        &self,
-        part: &UploadPart,
-        now: DateTime<Utc>,
-    ) -> StoreResult<bool> {
+    async fn append_upload_part(&self, part: &UploadPart, now: DateTime<Utc>) -> StoreResult<bool> {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
         // The row lock the UPDATE takes makes a second PATCH at the same offset wait, then
         // find the offset moved (READ COMMITTED re-checks the WHERE on the new version).

@@ -360,11 +360,7 @@ impl StorageStore for SqliteStore {
         self.read(move |c| parts_of(c, &id)).await
     }
 
-    async fn append_upload_part(
-        &self,
-        part: &UploadPart,
-        now: DateTime<Utc>,
-    ) -> StoreResult<bool> {
+    async fn append_upload_part(&self, part: &UploadPart, now: DateTime<Utc>) -> StoreResult<bool> {
         let part = part.clone();
         self.write_unit(move |unit| {
             let moved = unit
