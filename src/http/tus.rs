@@ -47,10 +47,15 @@ pub fn router() -> OpenApiRouter<AppState> {
         .layer(DefaultBodyLimit::disable())
 }
 
-/// `Tus-Resumable: 1.0.0` on every answer; 412 (with `Tus-Version`) for a request that does
-/// not speak it, except `OPTIONS`, which is how a client finds out.
+/// `Tus-Resumable: 1.0.0` on every answer; 412 (with `Tus-Version`) for a tus request that
+/// does not speak it, except `OPTIONS`, which is how a client finds out.
 async fn tus_resumable(req: Request, next: Next) -> Response {
-    let speaks_tus = req.method() == Method::OPTIONS
+    // Methods tus does not use here (OPTIONS aside) are left to the router's 405.
+    let tus_method = matches!(
+        *req.method(),
+        Method::POST | Method::HEAD | Method::PATCH | Method::DELETE
+    );
+    let speaks_tus = !tus_method
         || req
             .headers()
             .get(TUS_RESUMABLE)
