@@ -109,6 +109,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::single_range_in_vec_init)]
     fn ranges_follow_rfc_9110() {
         use RangePlan::*;
         assert_eq!(plan(None, 10), Full);

@@ -564,11 +564,7 @@ async fn sign_url(
         .storage
         .sign(&caller, &bucket, &req.path, req.expires_in, &method)
         .await?;
-    let encoded: Vec<String> = req
-        .path
-        .split('/')
-        .map(|s| percent_encode_segment(s))
-        .collect();
+    let encoded: Vec<String> = req.path.split('/').map(percent_encode_segment).collect();
     let url = format!(
         "{}/v1/storage/{bucket}/{}?expires={expires}&signature={signature}",
         state.public_url,

@@ -634,7 +634,7 @@ impl StorageService {
                 )
                 .await?
             {
-                ObjectWrite::Done { row, .. } => return Ok(ObjectView::from(&row)),
+                ObjectWrite::Done { row, .. } => return Ok(ObjectView::from(row.as_ref())),
                 ObjectWrite::Changed | ObjectWrite::Missing => {
                     current = self.store.object(&name, &path).await?;
                 }

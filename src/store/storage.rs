@@ -91,8 +91,8 @@ impl Expect {
 pub enum ObjectWrite {
     /// Written (or deleted); `previous` is what it replaced, `position` the event's.
     Done {
-        row: ObjectRow,
-        previous: Option<ObjectRow>,
+        row: Box<ObjectRow>,
+        previous: Option<Box<ObjectRow>>,
         position: i64,
     },
     /// The object is no longer the version the write expected; nothing was written.

@@ -264,8 +264,8 @@ impl StorageStore for PgStore {
         let position = unit.append(vec![event]).await?[0].position;
         unit.commit().await?;
         Ok(ObjectWrite::Done {
-            row,
-            previous,
+            row: Box::new(row),
+            previous: previous.map(Box::new),
             position,
         })
     }
@@ -297,8 +297,8 @@ impl StorageStore for PgStore {
         let position = unit.append(vec![event]).await?[0].position;
         unit.commit().await?;
         Ok(ObjectWrite::Done {
-            row: previous.clone(),
-            previous: Some(previous),
+            row: Box::new(previous.clone()),
+            previous: Some(Box::new(previous)),
             position,
         })
     }

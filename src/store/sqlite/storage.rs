@@ -256,8 +256,8 @@ impl StorageStore for SqliteStore {
             let event = sql::object_event(op, &row, previous.as_ref(), &actor);
             let position = unit.append(vec![event])?[0].position;
             Ok(ObjectWrite::Done {
-                row,
-                previous,
+                row: Box::new(row),
+                previous: previous.map(Box::new),
                 position,
             })
         })
@@ -288,8 +288,8 @@ impl StorageStore for SqliteStore {
             let event = sql::object_event(EventOp::Delete, &previous, Some(&previous), &actor);
             let position = unit.append(vec![event])?[0].position;
             Ok(ObjectWrite::Done {
-                row: previous.clone(),
-                previous: Some(previous),
+                row: Box::new(previous.clone()),
+                previous: Some(Box::new(previous)),
                 position,
             })
         })
