@@ -84,6 +84,9 @@ pub struct StorageConfig {
     pub replaced_grace_secs: u64,
     /// The longest `expires_in` a signed URL may have, in seconds.
     pub max_signed_url_secs: u64,
+    /// How long a resumable (tus) upload may stay unfinished, in hours (fractions allowed);
+    /// then it is gone and its bytes are removed.
+    pub upload_expiry_hours: f64,
     /// Image transforms on download (`?width=&height=&fit=&format=`).
     pub transform: TransformConfig,
 }
@@ -367,6 +370,7 @@ impl Default for StorageConfig {
             upload_timeout_secs: 3600,
             replaced_grace_secs: 60,
             max_signed_url_secs: 7 * 24 * 3600,
+            upload_expiry_hours: 24.0,
             transform: TransformConfig::default(),
         }
     }
@@ -632,6 +636,13 @@ impl Config {
         {
             return Err(ConfigError(
                 "`metrics.token`: must be at least 16 characters".into(),
+            ));
+        }
+        let expiry = self.storage.upload_expiry_hours;
+        if !(expiry.is_finite() && expiry > 0.0 && expiry <= 24.0 * 365.0) {
+            return Err(ConfigError(
+                "`storage.upload_expiry_hours`: must be more than 0 and at most 8760 (a year)"
+                    .into(),
             ));
         }
         if self.storage.backend == StorageBackend::S3 {

@@ -15,6 +15,7 @@ pub mod range;
 pub mod realtime;
 pub mod server;
 pub mod storage;
+pub mod tus;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -88,7 +89,7 @@ pub fn api() -> OpenApiRouter<AppState> {
                 .merge(changes::router()),
         )
         .nest("/v1/db", documents::router())
-        .nest("/v1/storage", storage::router())
+        .nest("/v1/storage", storage::router().merge(tus::router()))
         .merge(realtime::router())
 }
 
@@ -137,7 +138,7 @@ pub fn layers(router: Router, config: &Config) -> Router {
     let body_deadline = Duration::from_secs(config.http.body_read_timeout_secs);
     let upload_deadline = Duration::from_secs(config.storage.upload_timeout_secs);
     let max_uri_bytes = config.http.max_uri_bytes;
-    router
+    let router = router
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(middleware::from_fn(telemetry_metrics))
         .layer(middleware::from_fn(normalize_errors))
@@ -153,8 +154,25 @@ pub fn layers(router: Router, config: &Config) -> Router {
         }))
         .layer(middleware::from_fn(move |req: Request, next: Next| {
             request_target_limit(max_uri_bytes, req, next)
+        }));
+    // tower-http's CORS layer answers every OPTIONS request as a preflight; an OPTIONS
+    // without `Access-Control-Request-Method` is not one (tus discovery is such a request)
+    // and goes to the routes.
+    let with_cors = router.clone().layer(cors(config));
+    let routes = router;
+    Router::new()
+        .fallback_service(tower::service_fn(move |req: Request| {
+            let cors_applies = req.method() != Method::OPTIONS
+                || req
+                    .headers()
+                    .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+            let service = if cors_applies {
+                with_cors.clone()
+            } else {
+                routes.clone()
+            };
+            tower::ServiceExt::oneshot(service, req)
         }))
-        .layer(cors(config))
         .layer(
             TraceLayer::new_for_http().make_span_with(|req: &Request| {
                 let id = req
@@ -390,8 +408,26 @@ fn cors(config: &Config) -> CorsLayer {
             header::IF_NONE_MATCH,
             header::RANGE,
             REQUEST_ID_HEADER,
+            // tus (resumable uploads)
+            tus::TUS_RESUMABLE,
+            tus::UPLOAD_LENGTH,
+            tus::UPLOAD_OFFSET,
+            tus::UPLOAD_METADATA,
         ])
-        .expose_headers([REQUEST_ID_HEADER, header::ETAG, header::RETRY_AFTER])
+        .expose_headers([
+            REQUEST_ID_HEADER,
+            header::ETAG,
+            header::RETRY_AFTER,
+            // tus: a browser client reads where its upload lives and how far it got.
+            header::LOCATION,
+            tus::TUS_RESUMABLE,
+            tus::TUS_VERSION_HEADER,
+            tus::TUS_EXTENSION,
+            tus::TUS_MAX_SIZE,
+            tus::UPLOAD_OFFSET,
+            tus::UPLOAD_LENGTH,
+            tus::UPLOAD_EXPIRES,
+        ])
         .max_age(Duration::from_secs(3600));
     if origins.iter().any(|o| o == "*") {
         layer.allow_origin(Any)

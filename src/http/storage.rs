@@ -211,7 +211,7 @@ async fn put_object(
 const LINGER_BYTES: usize = 8 * 1024 * 1024;
 const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(2);
 
-async fn linger(mut rest: ByteStream) {
+pub(super) async fn linger(mut rest: ByteStream) {
     let drain = async {
         let mut seen = 0;
         while let Some(Ok(chunk)) = rest.next().await {
@@ -226,9 +226,9 @@ async fn linger(mut rest: ByteStream) {
 
 /// A request body handed to an upload; what the upload leaves unread comes back through
 /// `slot` when it is dropped, for [`linger`].
-struct Returning {
-    inner: Option<ByteStream>,
-    slot: Arc<Mutex<Option<ByteStream>>>,
+pub(super) struct Returning {
+    pub(super) inner: Option<ByteStream>,
+    pub(super) slot: Arc<Mutex<Option<ByteStream>>>,
 }
 
 impl futures::Stream for Returning {
@@ -664,13 +664,16 @@ async fn sign_url(
 
 // ------------------------------------------------------------------------- helpers
 
-fn body_stream(body: Body) -> ByteStream {
+pub(super) fn body_stream(body: Body) -> ByteStream {
     body.into_data_stream()
         .map_err(std::io::Error::other)
         .boxed()
 }
 
-fn header_str(headers: &HeaderMap, name: axum::http::HeaderName) -> ApiResult<Option<String>> {
+pub(super) fn header_str(
+    headers: &HeaderMap,
+    name: axum::http::HeaderName,
+) -> ApiResult<Option<String>> {
     headers
         .get(&name)
         .map(|v| {
@@ -684,7 +687,7 @@ fn header_str(headers: &HeaderMap, name: axum::http::HeaderName) -> ApiResult<Op
         .transpose()
 }
 
-fn declared_size(headers: &HeaderMap) -> ApiResult<Option<u64>> {
+pub(super) fn declared_size(headers: &HeaderMap) -> ApiResult<Option<u64>> {
     headers
         .get(CONTENT_LENGTH)
         .map(|v| {

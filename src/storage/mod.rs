@@ -21,6 +21,7 @@ pub mod paths;
 pub mod s3;
 pub mod signing;
 pub mod transform;
+pub mod tus;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -192,6 +193,16 @@ pub struct Upload {
     pub declared_size: Option<u64>,
     pub metadata: Value,
     pub body: ByteStream,
+}
+
+/// A write decided as far as it can be before its bytes arrive ([`StorageService::check_write`]).
+struct WriteTarget {
+    bucket: Arc<Bucket>,
+    path: String,
+    content_type: String,
+    metadata: Value,
+    /// What was stored at the path when the write was decided.
+    current: Option<ObjectRow>,
 }
 
 /// Who is asking: a caller with a credential, or the holder of a signed URL for exactly
@@ -546,22 +557,47 @@ impl StorageService {
 
     /// Streams an upload into a new blob and commits it (see the module comment).
     pub async fn put(&self, access: &Access, upload: Upload) -> ApiResult<ObjectView> {
-        let bucket = self.bucket(&upload.bucket).await?;
-        paths::check_path(&upload.path)?;
-        let content_type = paths::content_type(upload.content_type.as_deref())?;
-        let metadata = check_metadata(upload.metadata)?;
-        let name = bucket.row.name.clone();
-        let mut current = self.store.object(&name, &upload.path).await?;
-        let mut session = RuleSession::new();
-        // Decide what can be decided before reading the body: the rule with the announced
-        // size (a chunked body is decided once its size is known), then the bucket's limits.
-        if let Some(size) = upload.declared_size {
+        let target = self
+            .check_write(
+                access,
+                &upload.bucket,
+                &upload.path,
+                upload.content_type.as_deref(),
+                upload.metadata,
+                upload.declared_size,
+            )
+            .await?;
+        let (blob, meter) = self
+            .store_blob(&target.bucket, upload.body, upload.declared_size)
+            .await?;
+        self.commit(access, target, blob, meter).await
+    }
+
+    /// Decides what can be decided about a write before any byte is read: the path, type
+    /// and metadata, the rule with the announced size (a write of unknown size is decided
+    /// once its size is known, in [`StorageService::commit`]), then the bucket's limits.
+    async fn check_write(
+        &self,
+        access: &Access,
+        bucket: &str,
+        path: &str,
+        content_type: Option<&str>,
+        metadata: Value,
+        declared_size: Option<u64>,
+    ) -> ApiResult<WriteTarget> {
+        let bucket = self.bucket(bucket).await?;
+        paths::check_path(path)?;
+        let content_type = paths::content_type(content_type)?;
+        let metadata = check_metadata(metadata)?;
+        let current = self.store.object(&bucket.row.name, path).await?;
+        if let Some(size) = declared_size {
+            let mut session = RuleSession::new();
             if !self
                 .allows(
                     access,
                     &bucket.write,
                     "PUT",
-                    &upload.path,
+                    path,
                     current.as_ref(),
                     Some(size),
                     Some(&content_type),
@@ -579,15 +615,33 @@ impl StorageService {
             )));
         }
         let limit = bucket.max_object_size;
-        if upload.declared_size.is_some_and(|s| s > limit) {
+        if declared_size.is_some_and(|s| s > limit) {
             return Err(too_large(limit));
         }
+        Ok(WriteTarget {
+            bucket,
+            path: path.to_string(),
+            content_type,
+            metadata,
+            current,
+        })
+    }
 
-        let blob = backend::new_object_blob(&name);
+    /// Streams `body` into a new object blob of `bucket` (in the trash until it is
+    /// committed), enforcing the bucket's size limit as it goes and, when one was announced,
+    /// the exact size. Answers the blob and what the stream measured.
+    async fn store_blob(
+        &self,
+        bucket: &Bucket,
+        body: ByteStream,
+        declared_size: Option<u64>,
+    ) -> ApiResult<(String, Meter)> {
+        let limit = bucket.max_object_size;
+        let blob = backend::new_object_blob(&bucket.row.name);
         self.store
             .trash_blob(&blob, Utc::now() + ABANDONED_UPLOAD)
             .await?;
-        let (metered, meter) = Metered::new(upload.body, limit);
+        let (metered, meter) = Metered::new(body, limit);
         let stored = self.blobs.put(&blob, metered.boxed()).await;
         let meter = meter.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Err(err) = stored {
@@ -597,15 +651,42 @@ impl StorageService {
             }
             return Err(blob_error(err));
         }
-        let etag = meter
-            .etag()
-            .ok_or_else(|| ApiError::internal(anyhow::anyhow!("upload ended without a digest")))?;
-        if upload.declared_size.is_some_and(|s| s != meter.size) {
+        if meter.sha256.is_none() {
+            let _ = self.blobs.delete(&blob).await;
+            return Err(ApiError::internal(anyhow::anyhow!(
+                "upload ended without a digest"
+            )));
+        }
+        if declared_size.is_some_and(|s| s != meter.size) {
             let _ = self.blobs.delete(&blob).await;
             return Err(ApiError::invalid(
                 "the body is not as long as its Content-Length",
             ));
         }
+        Ok((blob, meter))
+    }
+
+    /// Points `target.path` at the stored `blob`: the write rule is asked again with the
+    /// size actually received, then one transaction switches the row, appends the event and
+    /// trashes the replaced blob. A refused commit removes the blob.
+    async fn commit(
+        &self,
+        access: &Access,
+        target: WriteTarget,
+        blob: String,
+        meter: Meter,
+    ) -> ApiResult<ObjectView> {
+        let WriteTarget {
+            bucket,
+            path,
+            content_type,
+            metadata,
+            mut current,
+        } = target;
+        let name = bucket.row.name.clone();
+        let etag = meter
+            .etag()
+            .ok_or_else(|| ApiError::internal(anyhow::anyhow!("upload ended without a digest")))?;
         // Only a rule that looks at the stored object needs the write to land on the very
         // version it saw; otherwise the last upload to commit simply wins.
         let decided_on_current = match access {
@@ -614,13 +695,14 @@ impl StorageService {
                 !c.is_privileged() && bucket.write.as_ref().is_some_and(|r| r.reads("resource"))
             }
         };
+        let mut session = RuleSession::new();
         for _ in 0..WRITE_ATTEMPTS {
             if !self
                 .allows(
                     access,
                     &bucket.write,
                     "PUT",
-                    &upload.path,
+                    &path,
                     current.as_ref(),
                     Some(meter.size),
                     Some(&content_type),
@@ -634,7 +716,7 @@ impl StorageService {
             let now = Utc::now();
             let row = ObjectRow {
                 bucket: name.clone(),
-                path: upload.path.clone(),
+                path: path.clone(),
                 blob: blob.clone(),
                 size: meter.size as i64,
                 content_type: content_type.clone(),
@@ -663,10 +745,11 @@ impl StorageService {
             {
                 ObjectWrite::Done { row, .. } => return Ok(ObjectView::from(row.as_ref())),
                 ObjectWrite::Changed | ObjectWrite::Missing => {
-                    current = self.store.object(&name, &upload.path).await?;
+                    current = self.store.object(&name, &path).await?;
                 }
             }
         }
+        let _ = self.blobs.delete(&blob).await;
         Err(ApiError::Conflict(
             "the object kept changing while this upload was being committed; retry".into(),
         ))
@@ -953,9 +1036,12 @@ impl StorageService {
     // ------------------------------------------------------------------ upkeep
 
     /// Removes from the backend the blobs whose time in the trash is up (replaced or
-    /// deleted objects past their grace, abandoned uploads). Every node may run it: removing
+    /// deleted objects past their grace, abandoned uploads, parts of expired resumable
+    /// uploads). Every node may run it: removing
     /// a blob twice is harmless.
     pub async fn sweep(&self) -> ApiResult<usize> {
+        // Expired uploads are forgotten; their parts are in the trash, due at the expiry.
+        self.store.delete_expired_uploads(Utc::now()).await?;
         let mut removed = 0;
         loop {
             let due = self.store.due_blobs(Utc::now(), 200).await?;

@@ -946,12 +946,20 @@ mod tests {
         };
         let store = store.with_part_size(SMALL_PART);
         let key = "objects/d/dropped";
-        // One and a bit parts, then a client that never sends the rest.
+        // One and a bit parts, then a client that never sends the rest. The put asks for
+        // more only once it knows its upload's id (the first part is sent before the rest is
+        // read), so dropping it after that must abort the upload.
+        let waiting = std::sync::Arc::new(tokio::sync::Notify::new());
+        let told = waiting.clone();
         let body = generated(SMALL_PART + 10, 64 * 1024)
-            .chain(futures::stream::pending())
+            .chain(futures::stream::once(async move {
+                told.notify_one();
+                futures::future::pending::<Result<Bytes, std::io::Error>>().await
+            }))
             .boxed();
         let put = store.put(key, body);
         let seen_open = async {
+            waiting.notified().await;
             loop {
                 if open_uploads(&store, key).await > 0 {
                     return;

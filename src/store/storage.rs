@@ -1,4 +1,5 @@
-//! Storage metadata (API.md § Storage): buckets, objects and blobs waiting for removal. The
+//! Storage metadata (API.md § Storage): buckets, objects, blobs waiting for removal, and
+//! resumable (tus) uploads with their parts. The
 //! SQL is written once, with `$n` placeholders numbered in order of appearance, which both
 //! SQLite and PostgreSQL read; each dialect only binds its own types. The one statement only
 //! PostgreSQL needs is the per-object lock ([`LOCK_OBJECT_PG`]): SQLite has one writer.
@@ -100,6 +101,32 @@ pub enum ObjectWrite {
     Missing,
 }
 
+/// A resumable (tus) upload in progress.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UploadRow {
+    pub id: String,
+    pub bucket: String,
+    pub path: String,
+    /// `kind:id` of the caller who created it.
+    pub owner: String,
+    pub length: i64,
+    /// The bytes received so far (the sum of the parts' sizes).
+    pub offset: i64,
+    pub content_type: String,
+    pub metadata: Value,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// The bytes one PATCH brought: `size` bytes from `start` of the upload, in `blob`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UploadPart {
+    pub upload_id: String,
+    pub start: i64,
+    pub size: i64,
+    pub blob: String,
+}
+
 #[async_trait]
 pub trait StorageStore: Send + Sync {
     async fn bucket(&self, name: &str) -> StoreResult<Option<BucketRow>>;
@@ -157,6 +184,22 @@ pub trait StorageStore: Send + Sync {
     /// Makes the trash entries whose blob keys start with `prefix` due at `due` (when due
     /// later): the cached transforms of a blob being removed go with it. Answers how many.
     async fn hasten_blobs(&self, prefix: &str, due: DateTime<Utc>) -> StoreResult<u64>;
+
+    async fn create_upload(&self, row: &UploadRow) -> StoreResult<()>;
+    async fn upload(&self, id: &str) -> StoreResult<Option<UploadRow>>;
+    /// The upload's parts in offset order.
+    async fn upload_parts(&self, id: &str) -> StoreResult<Vec<UploadPart>>;
+    /// Records `part` and moves the upload's offset to its end, if the offset is still
+    /// `part.start` and the upload has not expired at `now` (compare-and-set: of two PATCHes
+    /// at one offset, one wins). `false`: nothing was recorded.
+    async fn append_upload_part(&self, part: &UploadPart, now: DateTime<Utc>) -> StoreResult<bool>;
+    /// Deletes the upload and its part rows, putting the parts' blobs in the trash due at
+    /// `due`; answers those blobs, or `None` when there was no such upload.
+    async fn delete_upload(&self, id: &str, due: DateTime<Utc>)
+        -> StoreResult<Option<Vec<String>>>;
+    /// Forgets uploads expired at `now` (their parts' blobs are already in the trash, due
+    /// at the expiry). Answers how many.
+    async fn delete_expired_uploads(&self, now: DateTime<Utc>) -> StoreResult<u64>;
 }
 
 pub(crate) const BUCKET_COLUMNS: &str =
@@ -230,6 +273,30 @@ pub(crate) const DUE_BLOBS: &str =
 /// (due, prefix).
 pub(crate) const HASTEN_BLOBS: &str = "UPDATE blob_trash SET due_at = $1
      WHERE due_at > $1 AND substr(blob, 1, length($2)) = $2";
+pub(crate) const UPLOAD_COLUMNS: &str = "id, bucket, path, owner, upload_length, upload_offset, \
+     content_type, metadata, created_at, expires_at";
+
+pub(crate) fn insert_upload() -> String {
+    format!(
+        "INSERT INTO uploads ({UPLOAD_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+    )
+}
+
+pub(crate) fn select_upload() -> String {
+    format!("SELECT {UPLOAD_COLUMNS} FROM uploads WHERE id = $1")
+}
+
+pub(crate) const SELECT_UPLOAD_PARTS: &str = "SELECT upload_id, start_offset, size, blob
+     FROM upload_parts WHERE upload_id = $1 ORDER BY start_offset";
+pub(crate) const ADVANCE_UPLOAD: &str = "UPDATE uploads SET upload_offset = $1
+     WHERE id = $2 AND upload_offset = $3 AND expires_at > $4";
+pub(crate) const INSERT_UPLOAD_PART: &str =
+    "INSERT INTO upload_parts (upload_id, start_offset, size, blob) VALUES ($1, $2, $3, $4)";
+pub(crate) const DELETE_UPLOAD_PARTS: &str = "DELETE FROM upload_parts WHERE upload_id = $1";
+pub(crate) const DELETE_UPLOAD: &str = "DELETE FROM uploads WHERE id = $1";
+pub(crate) const DELETE_EXPIRED_UPLOAD_PARTS: &str = "DELETE FROM upload_parts
+     WHERE upload_id IN (SELECT id FROM uploads WHERE expires_at <= $1)";
+pub(crate) const DELETE_EXPIRED_UPLOADS: &str = "DELETE FROM uploads WHERE expires_at <= $1";
 
 /// The event of an object write: `create`/`update` with the object after, or `delete`.
 pub(crate) fn object_event(

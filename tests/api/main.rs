@@ -17,3 +17,4 @@ mod security_http;
 mod security_rules;
 mod storage;
 mod storage_transform;
+mod storage_tus;

@@ -830,8 +830,12 @@ async fn hostile_paths_are_refused(setup: Setup) {
             "PUT /v1/storage/files/{path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {admin}\r\ncontent-type: text/plain\r\ncontent-length: 1\r\nconnection: close\r\n\r\nx"
         );
         let reply = crate::security_http::exchange(app.addr, request.as_bytes()).await;
-        // `_sign` is a route of its own, for POST only.
-        let expected = if path == "_sign" { 405 } else { 400 };
+        // `_sign` is a route of its own, for POST only; `_uploads/…` are tus's.
+        let expected = if path == "_sign" || path == "_uploads/x" {
+            405
+        } else {
+            400
+        };
         assert_eq!(reply.status, expected, "{path}: {:?}", reply.body);
         assert_eq!(reply.body["error"]["code"], "invalid_argument", "{path}");
     }
@@ -1487,8 +1491,8 @@ async fn a_512_mib_object_streams_through_a_server_on_s3_under_150_mib() {
 }
 
 /// Two `basalt serve` processes on one PostgreSQL database and one S3 bucket: an object
-/// uploaded through one is listed, served and deleted through the other, and a signed URL
-/// made by one works on the other.
+/// uploaded through one is listed, served and deleted through the other, a signed URL made
+/// by one works on the other, and a resumable upload started on one finishes on the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_share_objects_through_postgres_and_s3() {
     if !crate::helpers::postgres_available() {
@@ -1571,6 +1575,67 @@ async fn two_nodes_share_objects_through_postgres_and_s3() {
     let via_b = client.get(&signed_url).send().await.unwrap();
     assert_eq!(via_b.status(), 200);
     assert_eq!(via_b.bytes().await.unwrap().len(), body.len());
+    // A resumable upload started on one node is finished on the other.
+    use base64::Engine;
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+    let meta = format!(
+        "path {}",
+        base64::engine::general_purpose::STANDARD.encode("dir/resumed.bin")
+    );
+    let created = client
+        .post(format!("{}/v1/storage/shared/_uploads", a.base))
+        .bearer_auth(&key)
+        .header("tus-resumable", "1.0.0")
+        .header("upload-length", data.len().to_string())
+        .header("upload-metadata", meta)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let location = created.headers()["location"].to_str().unwrap().to_string();
+    let upload_path = location
+        .find("/v1/storage/")
+        .map(|i| location[i..].to_string())
+        .unwrap();
+    let first = client
+        .patch(format!("{}{upload_path}", a.base))
+        .bearer_auth(&key)
+        .header("tus-resumable", "1.0.0")
+        .header("upload-offset", "0")
+        .header("content-type", "application/offset+octet-stream")
+        .body(data[..120_000].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 204);
+    let head = client
+        .head(format!("{}{upload_path}", b.base))
+        .bearer_auth(&key)
+        .header("tus-resumable", "1.0.0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.headers()["upload-offset"], "120000");
+    let rest = client
+        .patch(format!("{}{upload_path}", b.base))
+        .bearer_auth(&key)
+        .header("tus-resumable", "1.0.0")
+        .header("upload-offset", "120000")
+        .header("content-type", "application/offset+octet-stream")
+        .body(data[120_000..].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rest.status(), 204);
+    let resumed = client
+        .get(format!("{}/v1/storage/shared/dir/resumed.bin", a.base))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resumed.status(), 200);
+    assert_eq!(resumed.bytes().await.unwrap().as_ref(), data.as_slice());
+
     let deleted = client
         .delete(format!("{}/v1/storage/shared/dir/file.bin", b.base))
         .bearer_auth(&key)

@@ -6,7 +6,9 @@ use sqlx::postgres::PgRow;
 use sqlx::{Postgres, Row, Transaction};
 
 use super::{map_err, PgStore};
-use crate::store::storage::{self as sql, BucketRow, Expect, ObjectRow, ObjectWrite, StorageStore};
+use crate::store::storage::{
+    self as sql, BucketRow, Expect, ObjectRow, ObjectWrite, StorageStore, UploadPart, UploadRow,
+};
 use crate::store::{Actor, EventOp, StoreResult};
 
 fn bucket_from_row(r: &PgRow) -> Result<BucketRow, sqlx::Error> {
@@ -32,6 +34,30 @@ fn object_from_row(r: &PgRow) -> Result<ObjectRow, sqlx::Error> {
         metadata: r.try_get(6)?,
         created_at: r.try_get(7)?,
         updated_at: r.try_get(8)?,
+    })
+}
+
+fn upload_from_row(r: &PgRow) -> Result<UploadRow, sqlx::Error> {
+    Ok(UploadRow {
+        id: r.try_get(0)?,
+        bucket: r.try_get(1)?,
+        path: r.try_get(2)?,
+        owner: r.try_get(3)?,
+        length: r.try_get(4)?,
+        offset: r.try_get(5)?,
+        content_type: r.try_get(6)?,
+        metadata: r.try_get(7)?,
+        created_at: r.try_get(8)?,
+        expires_at: r.try_get(9)?,
+    })
+}
+
+fn part_from_row(r: &PgRow) -> Result<UploadPart, sqlx::Error> {
+    Ok(UploadPart {
+        upload_id: r.try_get(0)?,
+        start: r.try_get(1)?,
+        size: r.try_get(2)?,
+        blob: r.try_get(3)?,
     })
 }
 
@@ -307,5 +333,129 @@ impl StorageStore for PgStore {
             .await
             .map_err(map_err)?;
         Ok(done.rows_affected())
+    }
+
+    async fn create_upload(&self, row: &UploadRow) -> StoreResult<()> {
+        sqlx::query(&sql::insert_upload())
+            .bind(&row.id)
+            .bind(&row.bucket)
+            .bind(&row.path)
+            .bind(&row.owner)
+            .bind(row.length)
+            .bind(row.offset)
+            .bind(&row.content_type)
+            .bind(&row.metadata)
+            .bind(row.created_at)
+            .bind(row.expires_at)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn upload(&self, id: &str) -> StoreResult<Option<UploadRow>> {
+        let row = sqlx::query(&sql::select_upload())
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref()
+            .map(upload_from_row)
+            .transpose()
+            .map_err(map_err)
+    }
+
+    async fn upload_parts(&self, id: &str) -> StoreResult<Vec<UploadPart>> {
+        let rows = sqlx::query(sql::SELECT_UPLOAD_PARTS)
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter()
+            .map(part_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(map_err)
+    }
+
+    async fn append_upload_part(&self, part: &UploadPart, now: DateTime<Utc>) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        // The row lock the UPDATE takes makes a second PATCH at the same offset wait, then
+        // find the offset moved (READ COMMITTED re-checks the WHERE on the new version).
+        let moved = sqlx::query(sql::ADVANCE_UPLOAD)
+            .bind(part.start + part.size)
+            .bind(&part.upload_id)
+            .bind(part.start)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?
+            .rows_affected();
+        if moved == 0 {
+            return Ok(false);
+        }
+        sqlx::query(sql::INSERT_UPLOAD_PART)
+            .bind(&part.upload_id)
+            .bind(part.start)
+            .bind(part.size)
+            .bind(&part.blob)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(true)
+    }
+
+    async fn delete_upload(
+        &self,
+        id: &str,
+        due: DateTime<Utc>,
+    ) -> StoreResult<Option<Vec<String>>> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let deleted = sqlx::query(sql::DELETE_UPLOAD)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?
+            .rows_affected();
+        if deleted == 0 {
+            return Ok(None);
+        }
+        // The upload's row is locked by the DELETE: no part can be added any more.
+        let parts: Vec<UploadPart> = sqlx::query(sql::SELECT_UPLOAD_PARTS)
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(map_err)?
+            .iter()
+            .map(part_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(map_err)?;
+        sqlx::query(sql::DELETE_UPLOAD_PARTS)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        for p in &parts {
+            trash(&mut tx, &p.blob, due).await?;
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(Some(parts.into_iter().map(|p| p.blob).collect()))
+    }
+
+    async fn delete_expired_uploads(&self, now: DateTime<Utc>) -> StoreResult<u64> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        sqlx::query(sql::DELETE_EXPIRED_UPLOAD_PARTS)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        let n = sqlx::query(sql::DELETE_EXPIRED_UPLOADS)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?
+            .rows_affected();
+        tx.commit().await.map_err(map_err)?;
+        Ok(n)
     }
 }

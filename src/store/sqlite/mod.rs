@@ -51,6 +51,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0004_storage",
         include_str!("../../../migrations/sqlite/0004_storage.sql"),
     ),
+    (
+        "0005_uploads",
+        include_str!("../../../migrations/sqlite/0005_uploads.sql"),
+    ),
 ];
 
 /// The longest a read on the pool may run before it is stopped (answered 400).

@@ -5,7 +5,9 @@ use chrono::{DateTime, Utc};
 use rusqlite::{params, OptionalExtension, Row, Transaction};
 
 use super::{map_err, parse_ts, ts, SqliteStore};
-use crate::store::storage::{self as sql, BucketRow, Expect, ObjectRow, ObjectWrite, StorageStore};
+use crate::store::storage::{
+    self as sql, BucketRow, Expect, ObjectRow, ObjectWrite, StorageStore, UploadPart, UploadRow,
+};
 use crate::store::{Actor, EventOp, StoreResult};
 
 fn bucket_from_row(r: &Row<'_>) -> rusqlite::Result<BucketRow> {
@@ -32,6 +34,39 @@ fn object_from_row(r: &Row<'_>) -> rusqlite::Result<ObjectRow> {
         created_at: parse_ts(&r.get::<_, String>(7)?)?,
         updated_at: parse_ts(&r.get::<_, String>(8)?)?,
     })
+}
+
+fn upload_from_row(r: &Row<'_>) -> rusqlite::Result<UploadRow> {
+    Ok(UploadRow {
+        id: r.get(0)?,
+        bucket: r.get(1)?,
+        path: r.get(2)?,
+        owner: r.get(3)?,
+        length: r.get(4)?,
+        offset: r.get(5)?,
+        content_type: r.get(6)?,
+        metadata: r.get(7)?,
+        created_at: parse_ts(&r.get::<_, String>(8)?)?,
+        expires_at: parse_ts(&r.get::<_, String>(9)?)?,
+    })
+}
+
+fn part_from_row(r: &Row<'_>) -> rusqlite::Result<UploadPart> {
+    Ok(UploadPart {
+        upload_id: r.get(0)?,
+        start: r.get(1)?,
+        size: r.get(2)?,
+        blob: r.get(3)?,
+    })
+}
+
+fn parts_of(c: &rusqlite::Connection, id: &str) -> StoreResult<Vec<UploadPart>> {
+    c.prepare_cached(sql::SELECT_UPLOAD_PARTS)
+        .and_then(|mut s| {
+            s.query_map([id], part_from_row)
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+        })
+        .map_err(map_err)
 }
 
 fn current_object(
@@ -292,6 +327,116 @@ impl StorageStore for SqliteStore {
                 .tx
                 .prepare_cached(sql::HASTEN_BLOBS)
                 .and_then(|mut s| s.execute(params![ts(&due), prefix]))
+                .map_err(map_err)?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn create_upload(&self, row: &UploadRow) -> StoreResult<()> {
+        let row = row.clone();
+        self.write_unit(move |unit| {
+            unit.tx
+                .prepare_cached(&sql::insert_upload())
+                .and_then(|mut s| {
+                    s.execute(params![
+                        row.id,
+                        row.bucket,
+                        row.path,
+                        row.owner,
+                        row.length,
+                        row.offset,
+                        row.content_type,
+                        row.metadata,
+                        ts(&row.created_at),
+                        ts(&row.expires_at)
+                    ])
+                })
+                .map_err(map_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn upload(&self, id: &str) -> StoreResult<Option<UploadRow>> {
+        let id = id.to_string();
+        self.read_point(move |c| {
+            c.prepare_cached(&sql::select_upload())
+                .and_then(|mut s| s.query_row([&id], upload_from_row).optional())
+                .map_err(map_err)
+        })
+        .await
+    }
+
+    async fn upload_parts(&self, id: &str) -> StoreResult<Vec<UploadPart>> {
+        let id = id.to_string();
+        self.read(move |c| parts_of(c, &id)).await
+    }
+
+    async fn append_upload_part(&self, part: &UploadPart, now: DateTime<Utc>) -> StoreResult<bool> {
+        let part = part.clone();
+        self.write_unit(move |unit| {
+            let moved = unit
+                .tx
+                .prepare_cached(sql::ADVANCE_UPLOAD)
+                .and_then(|mut s| {
+                    s.execute(params![
+                        part.start + part.size,
+                        part.upload_id,
+                        part.start,
+                        ts(&now)
+                    ])
+                })
+                .map_err(map_err)?;
+            if moved == 0 {
+                return Ok(false);
+            }
+            unit.tx
+                .prepare_cached(sql::INSERT_UPLOAD_PART)
+                .and_then(|mut s| {
+                    s.execute(params![part.upload_id, part.start, part.size, part.blob])
+                })
+                .map_err(map_err)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn delete_upload(
+        &self,
+        id: &str,
+        due: DateTime<Utc>,
+    ) -> StoreResult<Option<Vec<String>>> {
+        let id = id.to_string();
+        self.write_unit(move |unit| {
+            let parts = parts_of(unit.tx, &id)?;
+            let deleted = unit
+                .tx
+                .execute(sql::DELETE_UPLOAD, [&id])
+                .map_err(map_err)?;
+            if deleted == 0 {
+                return Ok(None);
+            }
+            unit.tx
+                .execute(sql::DELETE_UPLOAD_PARTS, [&id])
+                .map_err(map_err)?;
+            for p in &parts {
+                trash(unit.tx, &p.blob, due)?;
+            }
+            Ok(Some(parts.into_iter().map(|p| p.blob).collect()))
+        })
+        .await
+    }
+
+    async fn delete_expired_uploads(&self, now: DateTime<Utc>) -> StoreResult<u64> {
+        self.write_unit(move |unit| {
+            let now = ts(&now);
+            unit.tx
+                .execute(sql::DELETE_EXPIRED_UPLOAD_PARTS, [&now])
+                .map_err(map_err)?;
+            let n = unit
+                .tx
+                .execute(sql::DELETE_EXPIRED_UPLOADS, [&now])
                 .map_err(map_err)?;
             Ok(n as u64)
         })
