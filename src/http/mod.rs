@@ -407,7 +407,10 @@ fn cors(config: &Config) -> CorsLayer {
             header::IF_MATCH,
             header::IF_NONE_MATCH,
             header::RANGE,
+            header::IF_RANGE,
             REQUEST_ID_HEADER,
+            // an object's own metadata on a raw upload
+            HeaderName::from_static("x-basalt-metadata"),
             // tus (resumable uploads)
             tus::TUS_RESUMABLE,
             tus::UPLOAD_LENGTH,
@@ -418,6 +421,10 @@ fn cors(config: &Config) -> CorsLayer {
             REQUEST_ID_HEADER,
             header::ETAG,
             header::RETRY_AFTER,
+            // object downloads: ranges and file names
+            header::CONTENT_RANGE,
+            header::ACCEPT_RANGES,
+            header::CONTENT_DISPOSITION,
             // tus: a browser client reads where its upload lives and how far it got.
             header::LOCATION,
             tus::TUS_RESUMABLE,
