@@ -673,24 +673,26 @@ async fn public_buckets_are_readable_by_anyone(setup: Setup) {
     app.stop().await;
 }
 
+/// How many files are under `dir` (and its folders); 0 when it does not exist.
+pub(crate) fn files_under(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .flatten()
+            .map(|e| {
+                if e.path().is_dir() {
+                    files_under(&e.path())
+                } else {
+                    1
+                }
+            })
+            .sum()
+    })
+}
+
 /// Files under the local backend's objects folder (uploads that were stored).
 fn stored_files(app: &TestApp) -> usize {
-    fn walk(dir: &std::path::Path) -> usize {
-        std::fs::read_dir(dir).map_or(0, |entries| {
-            entries
-                .flatten()
-                .map(|e| {
-                    if e.path().is_dir() {
-                        walk(&e.path())
-                    } else {
-                        1
-                    }
-                })
-                .sum()
-        })
-    }
     let root = app.state.config.data_dir.join("storage");
-    walk(&root.join("objects")) + walk(&root.join(".tmp"))
+    files_under(&root.join("objects")) + files_under(&root.join(".tmp"))
 }
 
 async fn size_limits_hold_while_streaming(setup: Setup) {

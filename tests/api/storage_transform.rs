@@ -74,21 +74,7 @@ async fn get_reply(app: &TestApp, path: &str, token: Option<&str>) -> crate::hel
 
 /// Files under `<data_dir>/storage/transforms`.
 fn cached_transforms(app: &TestApp) -> usize {
-    fn walk(dir: &std::path::Path) -> usize {
-        std::fs::read_dir(dir).map_or(0, |entries| {
-            entries
-                .flatten()
-                .map(|e| {
-                    if e.path().is_dir() {
-                        walk(&e.path())
-                    } else {
-                        1
-                    }
-                })
-                .sum()
-        })
-    }
-    walk(&app.state.config.data_dir.join("storage").join("transforms"))
+    crate::storage::files_under(&app.state.config.data_dir.join("storage").join("transforms"))
 }
 
 async fn transforms_resize_and_convert(setup: Setup) {

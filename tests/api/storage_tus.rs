@@ -133,21 +133,7 @@ async fn make_bucket(app: &TestApp, admin: &str, name: &str, spec: Value) {
 
 /// Files under `<data_dir>/storage/uploads` (the parts of unfinished uploads).
 fn stored_parts(app: &TestApp) -> usize {
-    fn walk(dir: &std::path::Path) -> usize {
-        std::fs::read_dir(dir).map_or(0, |entries| {
-            entries
-                .flatten()
-                .map(|e| {
-                    if e.path().is_dir() {
-                        walk(&e.path())
-                    } else {
-                        1
-                    }
-                })
-                .sum()
-        })
-    }
-    walk(&app.state.config.data_dir.join("storage").join("uploads"))
+    crate::storage::files_under(&app.state.config.data_dir.join("storage").join("uploads"))
 }
 
 /// On local disk, that `n` part files are stored (S3 is checked through the API only).
